@@ -1,0 +1,169 @@
+"""Image datasets in [-1, 1] and the data module that samples them (Poisson under DP).
+
+Normalisation is fixed (x * 2 - 1), never computed from the data: a data-dependent
+statistic would leak private information outside the DP-SGD accounting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision import datasets, transforms
+
+DATASETS = ("digits", "mnist", "cifar10", "imagefolder", "fake")
+DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3}
+
+
+def load_digits_tensors(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled handwritten digits: 1,797 8x8 images (0..16) as [-1, 1] tensors."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0 * 2.0 - 1.0
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return x, torch.tensor(labels, dtype=torch.long)
+
+
+def _image_transform(image_size: int, channels: int, hflip: bool) -> transforms.Compose:
+    steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    if channels == 1:
+        steps.append(transforms.Grayscale(num_output_channels=1))
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
+    return transforms.Compose(steps)
+
+
+def _missing_dataset(name: str, root: str, fetch: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"data={name}: no dataset found under data.root={root!r} and downloads are off. "
+        f"On a machine with network access run\n    {fetch}\n"
+        f"and copy the folder it creates to {root!r}, or set data.download=true "
+        "where this machine can reach the internet."
+    )
+
+
+def build_dataset(
+    name: str,
+    root: str | None,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    hflip: bool = False,
+    download: bool = False,
+    size: int = 256,
+) -> Dataset:
+    """The training split of dataset `name` as (image in [-1, 1], label) pairs."""
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset={name!r} is unknown: choose one of {', '.join(DATASETS)}")
+    if name == "digits":
+        return TensorDataset(*load_digits_tensors(image_size))
+    if name == "fake":
+        return datasets.FakeData(
+            size=size,
+            image_size=(channels, image_size, image_size),
+            num_classes=num_classes,
+            transform=transforms.Compose(
+                [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
+            ),
+            random_offset=0,
+        )
+    if root is None:
+        raise ValueError(f"data={name} needs data.root=/path/to/the/dataset")
+    transform = _image_transform(image_size, channels, hflip)
+    if name == "imagefolder":
+        if not Path(root).is_dir():
+            raise FileNotFoundError(
+                f"data.root={root!r} is not a directory: data=imagefolder expects one "
+                "subfolder of images per class (root/class_name/image.png)"
+            )
+        return datasets.ImageFolder(root, transform=transform)
+    dataset_class = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
+    try:
+        return dataset_class(root, train=True, download=download, transform=transform)
+    except RuntimeError as error:
+        if download:
+            raise
+        fetch = f"python -c \"import torchvision; torchvision.datasets.{dataset_class.__name__}('{root}', download=True)\""
+        raise _missing_dataset(name, root, fetch) from error
+
+
+class ImageDataModule(L.LightningDataModule):
+    """A labelled image dataset and its training loader.
+
+    `batch_size` is the logical batch. With `poisson_sampling` each image joins a batch
+    independently with probability `sample_rate = batch_size / len(dataset)` (the sampling
+    DP-SGD's accounting assumes); otherwise batches are shuffled and of fixed size.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str | None = None,
+        image_size: int = 8,
+        channels: int = 1,
+        num_classes: int = 10,
+        batch_size: int = 256,
+        physical_batch_size: int = 256,
+        hflip: bool = False,
+        download: bool = False,
+        size: int = 256,
+        num_workers: int = 0,
+        poisson_sampling: bool = True,
+    ):
+        super().__init__()
+        self.dataset = dataset
+        self.root = root
+        self.image_size = image_size
+        self.channels = channels
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.physical_batch_size = physical_batch_size
+        self.hflip = hflip
+        self.download = download
+        self.size = size
+        self.num_workers = num_workers
+        self.poisson_sampling = poisson_sampling
+        self.train_dataset: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset = build_dataset(
+                self.dataset,
+                self.root,
+                self.image_size,
+                self.channels,
+                self.num_classes,
+                hflip=self.hflip,
+                download=self.download,
+                size=self.size,
+            )
+
+    @property
+    def dataset_size(self) -> int:
+        self.setup()
+        return len(self.train_dataset)
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if self.poisson_sampling:
+            return DPDataLoader(
+                self.train_dataset, sample_rate=self.sample_rate, num_workers=self.num_workers
+            )
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+        )

@@ -1,0 +1,81 @@
+"""The Lightning module: one logical DP-SGD step per training step, and an EMA of the weights."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dpdit.diffusion import GaussianDiffusion
+from dpdit.privacy import DPSGDTraining, NonPrivateTraining
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains `model` on the diffusion loss under `privacy` (DP-SGD or none).
+
+    Each training step receives one logical batch and runs it as micro-batches of at most
+    `physical_batch_size` images; the optimizer steps once per logical batch, so
+    `trainer.max_steps` counts noisy (logical) steps. The EMA copy is post-processing of
+    the private weights and costs no privacy; samples are drawn from it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        privacy: DPSGDTraining | NonPrivateTraining,
+        physical_batch_size: int,
+        ema_decay: float = 0.999,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.diffusion = diffusion
+        self.optimizer_factory = optimizer
+        self.privacy = privacy
+        self.physical_batch_size = physical_batch_size
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return self.privacy.prepare(self.model, self.optimizer_factory(trainable))
+
+    def micro_batches(self, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # An empty Poisson batch still makes one (empty) micro-batch: the step must add noise.
+        return list(zip(images.split(self.physical_batch_size), labels.split(self.physical_batch_size))) or [
+            (images, labels)
+        ]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        optimizer = self.optimizers()
+        chunks = self.micro_batches(images, labels)
+        loss_sum = torch.zeros((), device=images.device)
+        for index, (x, y) in enumerate(chunks):
+            loss_per_sample = self.diffusion.training_losses(self.model, x, y)
+            self.privacy.backward(self, loss_per_sample, images.shape[0])
+            loss_sum += loss_per_sample.detach().sum()
+            if index < len(chunks) - 1:
+                self.privacy.end_micro_batch()
+        optimizer.step()
+        optimizer.zero_grad()
+        self.ema.update_parameters(self.model)
+
+        loss = loss_sum / max(images.shape[0], 1)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/batch_size", float(images.shape[0]))
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        if self.privacy.enabled:
+            self.log("privacy/epsilon", self.privacy.epsilon, prog_bar=True)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["privacy"] = self.privacy.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.privacy.load_state_dict(checkpoint.get("privacy", {"enabled": False}))

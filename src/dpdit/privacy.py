@@ -1,0 +1,272 @@
+"""DP-SGD with Opacus: settings, noise calibration, accounting and the private backward pass.
+
+A training step sees one logical batch (Poisson-sampled at `sample_rate`) as a sequence of
+physical micro-batches. Each micro-batch's per-sample gradients are clipped and summed into
+Opacus' `summed_grad` (a skipped optimizer step); the last micro-batch adds the Gaussian
+noise once, divides by the expected batch size and steps, so every micro-batch counts
+in `hooks` and in `ghost` mode alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.validators import ModuleValidator
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+CLIPPING_MODES = ("hooks", "ghost")
+MAX_NOISE_MULTIPLIER = 1000.0
+
+History = list[tuple[float, float, int]]
+
+# Opacus logs one INFO line per layer when it attaches hooks.
+logging.getLogger("opacus").setLevel(logging.WARNING)
+# The first layers' inputs (noisy images, timesteps, labels) never require grad; the
+# backward hooks Opacus puts on them are expected to fire on outputs only.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+def epsilon_of(history: History, delta: float, accountant: str) -> float:
+    """Epsilon spent by a history of (noise multiplier, sample rate, steps) entries."""
+    if not history:
+        return 0.0
+    counter = create_accountant(mechanism=accountant)
+    counter.history = [tuple(entry) for entry in history]
+    return float(counter.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    history: History = (),
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier (to `tolerance` in epsilon) for which `history` followed by
+    `steps` steps at `sample_rate` spends at most `target_epsilon`.
+
+    Unlike Opacus' `get_noise_multiplier`, the returned value is checked with `epsilon_of`,
+    the very function that computes the reported epsilon, so the report never exceeds the
+    target.
+    """
+
+    def spent(sigma: float) -> float:
+        return epsilon_of([*history, (sigma, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.0, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, 2.0 * high
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"privacy.target_epsilon={target_epsilon} is unreachable: even noise multiplier "
+                f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at sample rate "
+                f"{sample_rate:.4g} (delta={delta:g}). Raise privacy.target_epsilon, lower "
+                "trainer.max_steps or data.batch_size."
+            )
+    while target_epsilon - spent(high) > tolerance and high - low > 1e-6 * high:
+        middle = (low + high) / 2.0
+        if spent(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+@dataclass
+class PrivacyConfig:
+    """The `privacy` config group. `noise_multiplier: null` calibrates it to the target."""
+
+    enabled: bool = True
+    target_epsilon: float | None = 10.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = "rdp"
+    clipping: str = "ghost"
+    noise_multiplicity: int = 1
+    secure_mode: bool = False
+
+    def validate(self, dataset_size: int) -> None:
+        """Raise a ValueError naming the setting for every invalid choice."""
+        if not self.enabled:
+            return
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy.accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"privacy.clipping={self.clipping!r} is unknown: choose one of {', '.join(CLIPPING_MODES)}")
+        if self.max_grad_norm is None or self.max_grad_norm <= 0:
+            raise ValueError(f"privacy.max_grad_norm={self.max_grad_norm} must be a positive clipping bound")
+        if not 0.0 < self.delta < 1.0 / dataset_size:
+            raise ValueError(
+                f"privacy.delta={self.delta:g} must lie in (0, 1/N) = (0, {1.0 / dataset_size:.3g}) for "
+                f"N={dataset_size} training images; the usual choice is below 1/N, e.g. 1e-5"
+            )
+        if self.noise_multiplier is None:
+            if self.target_epsilon is None or self.target_epsilon <= 0:
+                raise ValueError(
+                    f"privacy.target_epsilon={self.target_epsilon} must be positive "
+                    "(or give privacy.noise_multiplier directly)"
+                )
+        elif self.noise_multiplier < 0:
+            raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0 (or null to calibrate)")
+        if self.noise_multiplicity != 1:
+            raise ValueError(
+                f"privacy.noise_multiplicity={self.noise_multiplicity} is not supported yet; use 1"
+            )
+
+
+def check_model_is_private(model: torch.nn.Module, clipping: str) -> None:
+    """Fail before training if Opacus cannot compute per-sample gradients of `model`."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(
+            f"privacy.clipping={clipping}: the model has layers Opacus cannot train privately: "
+            + "; ".join(str(e) for e in errors)
+        )
+
+
+class NonPrivateTraining:
+    """`privacy=none`: the same micro-batched step without clipping, noise or accounting."""
+
+    enabled = False
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def backward(self, module, loss_per_sample: torch.Tensor, logical_batch_size: int) -> None:
+        # Sum over the micro-batch, mean over the logical batch: micro-batches add up.
+        module.manual_backward(loss_per_sample.sum() / max(logical_batch_size, 1))
+
+    def end_micro_batch(self) -> None:
+        """Gradients simply accumulate in `.grad` until the optimizer steps."""
+
+    @property
+    def epsilon(self) -> float:
+        return math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": False}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("enabled"):
+            raise ValueError(
+                "ckpt_path holds a DP run but privacy=none: resume it with privacy=dp, "
+                "or its earlier privacy spend would be silently dropped"
+            )
+
+    def report(self) -> dict[str, Any]:
+        return {"enabled": False, "epsilon": None}
+
+
+class DPSGDTraining:
+    """DP-SGD (Abadi et al., 2016) through Opacus' per-sample gradients and accountants.
+
+    Args:
+        config: the privacy settings.
+        sample_rate: Poisson sampling rate q = expected batch / dataset size.
+        dataset_size: N, public.
+        noise_multiplier: sigma (already calibrated when the config asked for it).
+    """
+
+    enabled = True
+
+    def __init__(self, config: PrivacyConfig, sample_rate: float, dataset_size: int, noise_multiplier: float):
+        self.config = config
+        self.sample_rate = sample_rate
+        self.dataset_size = dataset_size
+        self.expected_batch_size = sample_rate * dataset_size
+        self.noise_multiplier = noise_multiplier
+        self.accountant = create_accountant(mechanism=config.accountant)
+        self.hooks = None
+        self.optimizer = None
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Attach Opacus' per-sample gradient hooks to `model` and wrap `optimizer`."""
+        ghost = {"max_grad_norm": self.config.max_grad_norm, "use_ghost_clipping": True}
+        self.hooks = prepare_module(
+            model,
+            self.config.clipping,
+            wrap_model=False,
+            batch_first=True,
+            loss_reduction="mean",
+            strict=True,
+            **(ghost if self.config.clipping == "ghost" else {}),
+        )
+        optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.config.clipping)
+        self.optimizer = optimizer_class(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.config.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+            secure_mode=self.config.secure_mode,
+        )
+        self.optimizer.attach_step_hook(self._account_step)
+        return self.optimizer
+
+    def _account_step(self, optimizer) -> None:
+        # Called by Opacus right after the noise is added: one step per logical batch.
+        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
+
+    def backward(self, module, loss_per_sample: torch.Tensor, logical_batch_size: int) -> None:
+        """Per-sample gradients of one micro-batch (their mean over the micro-batch)."""
+        if self.config.clipping == "ghost":
+            # Two passes: per-sample norms, then the gradient of the clipped-weighted loss.
+            DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_sample, "mean").backward()
+        else:
+            module.manual_backward(loss_per_sample.mean())
+
+    def end_micro_batch(self) -> None:
+        """Clip this micro-batch into the running sum without noise or an optimizer step."""
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    @property
+    def steps(self) -> int:
+        return sum(entry[2] for entry in self.accountant.history)
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_of(self.accountant.history, self.config.delta, self.config.accountant)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": True, "noise_multiplier": self.noise_multiplier, **self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("enabled"):
+            raise ValueError(
+                "ckpt_path holds a run without privacy: its weights may have seen the data "
+                "without DP, so no DP guarantee can be stated for the resumed run"
+            )
+        self.accountant.load_state_dict({"history": state["history"]})
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "epsilon": self.epsilon,
+            "delta": self.config.delta,
+            "target_epsilon": self.config.target_epsilon,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.config.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": self.config.accountant,
+            "clipping": self.config.clipping,
+            "noise_multiplicity": self.config.noise_multiplicity,
+            "dataset_size": self.dataset_size,
+            "expected_batch_size": self.expected_batch_size,
+            "history": [list(entry) for entry in self.accountant.history],
+            "settings": asdict(self.config),
+        }
