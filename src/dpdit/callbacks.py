@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 
 from dpdit.images import save_grid, to_uint8
@@ -17,6 +18,15 @@ from dpdit.metrics import class_consistency
 
 def _json_number(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's checkpointing, plus `last.ckpt` written when training ends: Lightning
+    skips that save once any earlier `last.ckpt` exists, leaving the final steps unsaved."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self.dirpath is not None:
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
 
 
 class PrivacyReport(L.Callback):

@@ -45,20 +45,22 @@ class DiffusionModule(L.LightningModule):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         return self.privacy.prepare(self.model, self.optimizer_factory(trainable))
 
-    def micro_batches(self, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # An empty Poisson batch still makes one (empty) micro-batch: the step must add noise.
-        return list(zip(images.split(self.physical_batch_size), labels.split(self.physical_batch_size))) or [
-            (images, labels)
-        ]
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         optimizer = self.optimizers()
-        chunks = self.micro_batches(images, labels)
+        batch_size = images.shape[0]
+        # Poisson sampling can draw an empty batch; the step must still add its noise and be
+        # accounted. Opacus cannot run an empty batch, so one zero-weighted placeholder image
+        # (data-independent, contributing exactly nothing) goes through instead.
+        weight = 1.0 if batch_size else 0.0
+        if not batch_size:
+            images = images.new_zeros((1, *images.shape[1:]))
+            labels = labels.new_full((1,), self.model.null_class)
+        chunks = list(zip(images.split(self.physical_batch_size), labels.split(self.physical_batch_size)))
         loss_sum = torch.zeros((), device=images.device)
         for index, (x, y) in enumerate(chunks):
-            loss_per_sample = self.diffusion.training_losses(self.model, x, y)
-            self.privacy.backward(self, loss_per_sample, images.shape[0])
+            loss_per_sample = weight * self.diffusion.training_losses(self.model, x, y)
+            self.privacy.backward(self, loss_per_sample, batch_size)
             loss_sum += loss_per_sample.detach().sum()
             if index < len(chunks) - 1:
                 self.privacy.end_micro_batch()
@@ -66,9 +68,9 @@ class DiffusionModule(L.LightningModule):
         optimizer.zero_grad()
         self.ema.update_parameters(self.model)
 
-        loss = loss_sum / max(images.shape[0], 1)
+        loss = loss_sum / max(batch_size, 1)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/batch_size", float(images.shape[0]))
+        self.log("train/batch_size", float(batch_size))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         if self.privacy.enabled:
             self.log("privacy/epsilon", self.privacy.epsilon, prog_bar=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -71,25 +72,37 @@ def check_data_matches_model(datamodule: ImageDataModule, model: torch.nn.Module
 def make_privacy(
     config: PrivacyConfig, datamodule: ImageDataModule, max_steps: int, state: dict[str, Any] | None
 ) -> DPSGDTraining | NonPrivateTraining:
-    """The training's privacy: sigma calibrated for the steps still to take after `state`."""
+    """The training's privacy: sigma calibrated for the steps still to take after `state`,
+    the checkpoint's privacy entry (whose history the returned object continues)."""
     if not config.enabled:
-        return NonPrivateTraining()
-    config.validate(datamodule.dataset_size)
-    if max_steps is None or max_steps <= 0:
-        raise ValueError("privacy=dp needs trainer.max_steps > 0: the noise is calibrated for it")
-    sample_rate = datamodule.sample_rate
+        privacy = NonPrivateTraining()
+    else:
+        config.validate(datamodule.dataset_size)
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("privacy=dp needs trainer.max_steps > 0: the noise is calibrated for it")
+        sample_rate = datamodule.sample_rate
+        sigma = noise_multiplier_for(config, sample_rate, max_steps, state)
+        privacy = DPSGDTraining(config, sample_rate, datamodule.dataset_size, sigma)
+    if state is not None:
+        privacy.load_state_dict(state)
+    return privacy
+
+
+def noise_multiplier_for(config: PrivacyConfig, sample_rate: float, max_steps: int, state: dict[str, Any] | None) -> float:
+    """The configured sigma, else the resumed run's sigma while it keeps the budget, else a
+    sigma calibrated so that the history plus the remaining steps spend the target."""
+    if config.noise_multiplier is not None:
+        return config.noise_multiplier
     history = [tuple(entry) for entry in (state or {}).get("history", [])]
-    sigma = config.noise_multiplier
-    if sigma is None:
-        remaining = max(max_steps - sum(entry[2] for entry in history), 0)
-        previous = (state or {}).get("noise_multiplier")
-        continues = previous is not None and config.target_epsilon >= epsilon_of(
-            [*history, (previous, sample_rate, remaining)], config.delta, config.accountant
-        )
-        sigma = previous if continues else calibrate_noise_multiplier(
-            config.target_epsilon, config.delta, sample_rate, remaining, config.accountant, history
-        )
-    return DPSGDTraining(config, sample_rate, datamodule.dataset_size, sigma)
+    remaining = max(max_steps - sum(entry[2] for entry in history), 0)
+    previous = (state or {}).get("noise_multiplier")
+    if previous is not None and config.target_epsilon >= epsilon_of(
+        [*history, (previous, sample_rate, remaining)], config.delta, config.accountant
+    ):
+        return previous
+    return calibrate_noise_multiplier(
+        config.target_epsilon, config.delta, sample_rate, remaining, config.accountant, history
+    )
 
 
 class ConfigError(ValueError):
@@ -100,7 +113,7 @@ def setup(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]
     """Build and check everything; raises ConfigError before any training or writing."""
     try:
         return _build(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, InstantiationException) as error:
         raise ConfigError(str(error)) from error
 
 

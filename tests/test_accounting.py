@@ -1,0 +1,73 @@
+"""Epsilon and calibration checked against an independent computation."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import gammaln, logsumexp
+
+from dpdit.privacy import RDP_ORDERS, _rdp_of_one_step, calibrate_noise_multiplier, epsilon_of
+
+
+def subsampled_gaussian_rdp(q: float, sigma: float, alpha: int) -> float:
+    """RDP of the Poisson-subsampled Gaussian at integer order alpha (Mironov et al., 2019):
+    log(sum_k C(alpha, k) (1-q)^(alpha-k) q^k exp((k^2 - k) / (2 sigma^2))) / (alpha - 1)."""
+    k = np.arange(alpha + 1)
+    log_binomial = gammaln(alpha + 1) - gammaln(k + 1) - gammaln(alpha - k + 1)
+    log_terms = log_binomial + (alpha - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * sigma**2)
+    return float(logsumexp(log_terms)) / (alpha - 1)
+
+
+def independent_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+    """Best epsilon over integer orders with the conversion of Balle et al. (2020)."""
+    best = math.inf
+    for alpha in range(2, 257):
+        rdp = steps * subsampled_gaussian_rdp(q, sigma, alpha)
+        eps = rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+        best = min(best, eps)
+    return best
+
+
+CASES = [(1.0, 0.01, 1000), (2.0, 0.1, 300), (7.5, 0.57, 450), (0.8, 0.5, 10)]
+
+
+@pytest.mark.parametrize("sigma, q, steps", CASES)
+def test_rdp_at_integer_orders_matches_independent_formula(sigma, q, steps):
+    ours = _rdp_of_one_step(sigma, q)
+    for index, order in enumerate(RDP_ORDERS):
+        if float(order).is_integer() and order <= 256:
+            assert ours[index] == pytest.approx(subsampled_gaussian_rdp(q, sigma, int(order)), rel=1e-8)
+
+
+@pytest.mark.parametrize("sigma, q, steps", CASES)
+def test_rdp_epsilon_matches_independent_computation(sigma, q, steps):
+    ours = epsilon_of([(sigma, q, steps)], 1e-5, "rdp")
+    independent = independent_epsilon(q, sigma, steps, 1e-5)
+    # ours also searches fractional orders, so it can only be tighter, and only a little
+    assert independent * 0.95 <= ours <= independent * (1 + 1e-9)
+
+
+def test_history_composes_additively():
+    split = epsilon_of([(2.0, 0.1, 100), (2.0, 0.1, 200)], 1e-5, "rdp")
+    assert split == pytest.approx(epsilon_of([(2.0, 0.1, 300)], 1e-5, "rdp"), rel=1e-12)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_calibrated_sigma_spends_at_most_the_target(accountant):
+    sigma = calibrate_noise_multiplier(10.0, 1e-5, 0.14, 600, accountant)
+    spent = epsilon_of([(sigma, 0.14, 600)], 1e-5, accountant)
+    assert 10.0 - 0.05 <= spent <= 10.0
+    # a slightly smaller sigma would overspend: the calibration is tight
+    assert epsilon_of([(sigma * 0.97, 0.14, 600)], 1e-5, accountant) > spent
+
+
+def test_calibration_accounts_for_earlier_history():
+    history = [(3.0, 0.5, 100)]
+    sigma = calibrate_noise_multiplier(10.0, 1e-5, 0.5, 100, "rdp", history)
+    assert epsilon_of([*history, (sigma, 0.5, 100)], 1e-5, "rdp") <= 10.0
+    assert sigma > calibrate_noise_multiplier(10.0, 1e-5, 0.5, 100, "rdp")
+
+
+def test_unreachable_target_is_refused():
+    with pytest.raises(ValueError, match="unreachable"):
+        calibrate_noise_multiplier(1e-6, 1e-5, 0.5, 1000, "rdp")

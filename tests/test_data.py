@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpdit.data import ImageDataModule, build_dataset
+
+
+def test_digits_are_the_real_bundled_images_in_unit_range():
+    dataset = build_dataset("digits", None, image_size=8, channels=1, num_classes=10)
+    assert len(dataset) == 1797
+    image, label = dataset[0]
+    assert image.shape == (1, 8, 8) and -1.0 <= image.min() and image.max() <= 1.0 and int(label) == 0
+    upsampled, _ = build_dataset("digits", None, image_size=16, channels=1, num_classes=10)[0]
+    assert upsampled.shape == (1, 16, 16)
+
+
+def test_poisson_batches_have_the_configured_expected_size():
+    data = ImageDataModule(dataset="digits", batch_size=900, physical_batch_size=900)
+    assert data.sample_rate == pytest.approx(900 / 1797)
+    torch.manual_seed(0)
+    loader = data.train_dataloader()
+    sizes = [len(labels) for _ in range(10) for _, labels in loader]
+    assert abs(np.mean(sizes) - 900) < 4 * np.sqrt(1797 * 0.5 * 0.5 / len(sizes))
+    assert len(set(sizes)) > 1  # Poisson, not fixed-size batches
+
+
+def test_fake_data_has_the_configured_shape():
+    dataset = build_dataset("fake", None, image_size=12, channels=3, num_classes=5, size=7)
+    image, label = dataset[0]
+    assert len(dataset) == 7 and image.shape == (3, 12, 12) and 0 <= label < 5
+
+
+def test_imagefolder_reads_class_subfolders(tmp_path):
+    for name in ["cat", "dog"]:
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.fromarray(np.random.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    dataset = build_dataset("imagefolder", str(tmp_path), image_size=16, channels=3, num_classes=2, hflip=True)
+    image, label = dataset[3]
+    assert len(dataset) == 4 and image.shape == (3, 16, 16) and label == 1
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("cifar10", "CIFAR10")])
+def test_missing_dataset_says_what_to_download_and_where(tmp_path, name, folder):
+    with pytest.raises(FileNotFoundError, match=f"datasets.{folder}\\('{tmp_path}', download=True\\)"):
+        build_dataset(name, str(tmp_path), image_size=32, channels=1, num_classes=10)

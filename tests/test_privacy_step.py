@@ -1,0 +1,185 @@
+"""The DP-SGD step of DiffusionModule, checked by numbers against micro-batched references.
+
+A deterministic loss (fixed timestep and target) stands in for the diffusion loss so the
+reference per-sample gradients can be recomputed one image at a time. The step runs
+through a real Lightning Trainer with SGD(lr=1), so the update equals minus the gradient.
+"""
+
+import lightning as L
+import pytest
+import torch
+
+from dpdit.models import DiT
+from dpdit.module import DiffusionModule
+from dpdit.privacy import DPSGDTraining, NonPrivateTraining, PrivacyConfig
+
+BATCH = 6
+
+
+class FixedLoss:
+    """Per-sample squared error of the model's output at a fixed timestep."""
+
+    def training_losses(self, model, x, y):
+        t = torch.full((x.shape[0],), 10, dtype=torch.long)
+        return ((model(x, t, y) - x.flip(-1)) ** 2).flatten(1).mean(1)
+
+
+class ZeroLoss:
+    """Zero loss: every per-sample gradient is zero, so the update is pure noise."""
+
+    def training_losses(self, model, x, y):
+        t = torch.zeros(x.shape[0], dtype=torch.long)
+        return model(x, t, y).flatten(1).mean(1) * 0.0
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=False)
+    # Leave adaLN-Zero's zero start so that every parameter has a non-zero gradient.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.double()
+
+
+def batch(size=BATCH, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 1, 8, 8, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 4, (size,), generator=generator)  # 3 is the null class
+    return images, labels
+
+
+class Repeat:
+    """A loader that yields the same batch `times` times."""
+
+    def __init__(self, item, times):
+        self.item, self.times = item, times
+
+    def __iter__(self):
+        return iter([self.item] * self.times)
+
+    def __len__(self):
+        return self.times
+
+
+def run_step(privacy, physical_batch_size, loss=FixedLoss(), data=None, model=None, steps=1):
+    """One training step through Lightning; returns (module, minus the update)."""
+    model = model or tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    module = DiffusionModule(
+        model=model,
+        diffusion=loss,
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+        privacy=privacy,
+        physical_batch_size=physical_batch_size,
+        ema_decay=0.9,
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, train_dataloaders=Repeat(data or batch(), steps))
+    return module, [b - p.detach() for b, p in zip(before, model.parameters())]
+
+
+def dp(clipping, max_grad_norm=1.0, noise_multiplier=0.0, dataset_size=BATCH):
+    config = PrivacyConfig(clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
+    return DPSGDTraining(config, sample_rate=1.0, dataset_size=dataset_size, noise_multiplier=noise_multiplier)
+
+
+def per_sample_gradients(images, labels):
+    """Each image's gradient, computed alone (micro-batches of one)."""
+    model = tiny_model()
+    grads = []
+    for i in range(images.shape[0]):
+        model.zero_grad()
+        FixedLoss().training_losses(model, images[i : i + 1], labels[i : i + 1]).sum().backward()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    return grads
+
+
+def norm(gradient):
+    return torch.sqrt(sum((g**2).sum() for g in gradient))
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("physical_batch_size", [BATCH, 4, 1])
+def test_clipped_update_matches_micro_batched_reference(clipping, physical_batch_size):
+    images, labels = batch()
+    per_sample = per_sample_gradients(images, labels)
+    norms = torch.stack([norm(g) for g in per_sample])
+    bound = float(norms.median())  # half of the samples get clipped
+    assert (norms > bound).any() and (norms < bound).any()
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    expected = [sum(f * g[k] for f, g in zip(factors, per_sample)) / BATCH for k in range(len(per_sample[0]))]
+    # each clipped per-sample gradient respects the bound
+    assert all(norm([f * x for x in g]) <= bound * (1 + 1e-9) for f, g in zip(factors, per_sample))
+
+    _, update = run_step(dp(clipping, max_grad_norm=bound), physical_batch_size, data=(images, labels))
+    for got, want in zip(update, expected):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_every_micro_batch_counts(clipping):
+    """Dropping any micro-batch from the reference changes the update by a lot."""
+    images, labels = batch()
+    per_sample = per_sample_gradients(images, labels)
+    _, update = run_step(dp(clipping, max_grad_norm=1e6), physical_batch_size=2, data=(images, labels))
+    for first in range(0, BATCH, 2):
+        kept = [g for i, g in enumerate(per_sample) if not first <= i < first + 2]
+        partial = [sum(g[k] for g in kept) / BATCH for k in range(len(per_sample[0]))]
+        assert norm([u - p for u, p in zip(update, partial)]) > 1e-3 * norm(update)
+    full = [sum(g[k] for g in per_sample) / BATCH for k in range(len(per_sample[0]))]
+    assert norm([u - f for u, f in zip(update, full)]) < 1e-8 * norm(full)
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_dp_step_without_noise_or_clipping_equals_non_private_step(clipping):
+    _, private = run_step(dp(clipping, max_grad_norm=1e6), physical_batch_size=4)
+    _, baseline = run_step(NonPrivateTraining(), physical_batch_size=4)
+    for got, want in zip(private, baseline):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_noise_has_the_expected_standard_deviation_once_per_logical_step(clipping):
+    sigma, bound, expected_batch = 2.0, 0.5, 8
+    privacy = DPSGDTraining(
+        PrivacyConfig(clipping=clipping, max_grad_norm=bound, noise_multiplier=sigma),
+        sample_rate=0.5,
+        dataset_size=2 * expected_batch,
+        noise_multiplier=sigma,
+    )
+    torch.manual_seed(123)
+    _, update = run_step(privacy, physical_batch_size=2, loss=ZeroLoss())
+    noise = torch.cat([u.flatten() for u in update])
+    want = sigma * bound / expected_batch
+    n = noise.numel()
+    # the sample std of n normal draws is within 5 standard errors (want / sqrt(2n))
+    assert abs(noise.std().item() - want) < 5 * want / (2 * n) ** 0.5
+    assert abs(noise.mean().item()) < 5 * want / n**0.5
+    assert privacy.steps == 1
+
+
+def test_empty_poisson_batch_still_adds_noise_and_counts_a_step():
+    privacy = dp("ghost", max_grad_norm=1.0, noise_multiplier=1.0)
+    empty = (torch.empty(0, 1, 8, 8, dtype=torch.float64), torch.empty(0, dtype=torch.long))
+    _, update = run_step(privacy, physical_batch_size=4, data=empty)
+    assert privacy.steps == 1
+    assert all(torch.isfinite(u).all() for u in update)
+    assert torch.cat([u.flatten() for u in update]).std() > 0.1 / BATCH
+
+
+def test_accountant_counts_logical_steps_not_micro_batches():
+    privacy = dp("hooks", noise_multiplier=1.0)
+    module, _ = run_step(privacy, physical_batch_size=2, steps=3)
+    assert privacy.steps == 3
+    assert privacy.accountant.history == [(1.0, 1.0, 3)]
+    assert module.trainer.global_step == 3
