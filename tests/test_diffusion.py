@@ -73,3 +73,14 @@ def test_guidance_combines_conditional_and_unconditional_predictions():
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="sample.scheduler"):
         GaussianDiffusion().sample(tiny(), torch.tensor([0]), sampler="euler")
+
+
+def test_log_normal_timesteps_follow_the_noise_level_distribution():
+    diffusion = GaussianDiffusion(log_sigma_mean=1.0, log_sigma_std=0.5)
+    torch.manual_seed(0)
+    t = diffusion.sample_timesteps(20_000, torch.device("cpu"))
+    log_sigma = diffusion.log_sigmas[t]
+    assert abs(log_sigma.median().item() - 1.0) < 0.05
+    assert abs(log_sigma.std().item() - 0.5) < 0.05
+    uniform = GaussianDiffusion().sample_timesteps(20_000, torch.device("cpu"))
+    assert abs(uniform.float().mean().item() - 499.5) < 10

@@ -51,6 +51,11 @@ class GaussianDiffusion:
         label_dropout: probability that a training image's label is replaced by the model's
             null class, which teaches the unconditional model CFG needs.
         clip_sample: clip predicted images to [-1, 1] while sampling (pixel space only).
+        log_sigma_mean, log_sigma_std: with a mean, training timesteps are drawn so that the
+            noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is log-normal (as in
+            EDM and DPDM) instead of uniform over t. Under DP this spends the clipped
+            per-sample gradients on the noise levels that shape the images, not on the
+            lowest ones, whose gradients are large and mostly noise.
     """
 
     def __init__(
@@ -61,6 +66,8 @@ class GaussianDiffusion:
         beta_end: float = 0.02,
         label_dropout: float = 0.1,
         clip_sample: bool = True,
+        log_sigma_mean: float | None = None,
+        log_sigma_std: float = 1.2,
     ):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"diffusion.label_dropout={label_dropout} must lie in [0, 1)")
@@ -74,6 +81,10 @@ class GaussianDiffusion:
         )
         self.num_train_timesteps = num_train_timesteps
         self.label_dropout = label_dropout
+        self.log_sigma_mean = log_sigma_mean
+        self.log_sigma_std = log_sigma_std
+        alphas_cumprod = self.scheduler.alphas_cumprod
+        self.log_sigmas = 0.5 * torch.log((1.0 - alphas_cumprod) / alphas_cumprod)
         self._posterior = self._posterior_tables()
 
     def _posterior_tables(self) -> dict[str, torch.Tensor]:
@@ -100,9 +111,16 @@ class GaussianDiffusion:
         drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, null_class), labels)
 
+    def sample_timesteps(self, n: int, device: torch.device) -> torch.Tensor:
+        if self.log_sigma_mean is None:
+            return torch.randint(0, self.num_train_timesteps, (n,), device=device)
+        log_sigma = self.log_sigma_mean + self.log_sigma_std * torch.randn(n)
+        t = torch.searchsorted(self.log_sigmas, log_sigma).clamp(max=self.num_train_timesteps - 1)
+        return t.to(device)
+
     def training_losses(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample loss [B]: epsilon MSE, plus the variational bound if sigma is learned."""
-        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        t = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.scheduler.add_noise(x0, noise, t)
         output = model(x_t, t, self.drop_labels(labels, model.null_class))

@@ -7,10 +7,24 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from dpdit.diffusion import GaussianDiffusion
 from dpdit.privacy import DPSGDTraining, NonPrivateTraining
+
+
+def ema_with_warmup(decay: float) -> Callable:
+    """EMA update whose decay ramps up as (1 + n) / (10 + n) towards `decay`: in a short run
+    the first, far-from-final weights must fade fast, or they dominate the average."""
+
+    @torch.no_grad()
+    def update(ema_parameters, parameters, num_averaged) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for ema_parameter, parameter in zip(ema_parameters, parameters):
+            ema_parameter.lerp_(parameter, weight)
+
+    return update
 
 
 class DiffusionModule(L.LightningModule):
@@ -34,7 +48,7 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.diffusion = diffusion
         self.optimizer_factory = optimizer

@@ -260,7 +260,7 @@ class DPSGDTraining:
         return epsilon_of(self.accountant.history, self.config.delta, self.config.accountant)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"enabled": True, "noise_multiplier": self.noise_multiplier, **self.accountant.state_dict()}
+        return {"enabled": True, "noise_multiplier": self.noise_multiplier, "history": list(self.accountant.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state.get("enabled"):
@@ -268,7 +268,9 @@ class DPSGDTraining:
                 "ckpt_path holds a run without privacy: its weights may have seen the data "
                 "without DP, so no DP guarantee can be stated for the resumed run"
             )
-        self.accountant.load_state_dict({"history": state["history"]})
+        # (sigma, q, steps) entries mean the same to every accountant, so a run may
+        # switch accountants on resume.
+        self.accountant.history = [tuple(entry) for entry in state["history"]]
 
     def report(self) -> dict[str, Any]:
         return {
