@@ -100,6 +100,8 @@ class ImageDataModule(L.LightningDataModule):
     `batch_size` is the logical batch. With `poisson_sampling` each image joins a batch
     independently with probability `sample_rate = batch_size / len(dataset)` (the sampling
     DP-SGD's accounting assumes); otherwise batches are shuffled and of fixed size.
+    `noise_schedule_end` is the end of the linear noise schedule that suits these images
+    (smaller images are destroyed by less noise); the diffusion config reads it.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class ImageDataModule(L.LightningDataModule):
         size: int = 256,
         num_workers: int = 0,
         poisson_sampling: bool = True,
+        noise_schedule_end: float = 0.02,
     ):
         super().__init__()
         self.dataset = dataset
@@ -130,6 +133,7 @@ class ImageDataModule(L.LightningDataModule):
         self.size = size
         self.num_workers = num_workers
         self.poisson_sampling = poisson_sampling
+        self.noise_schedule_end = noise_schedule_end
         self.train_dataset: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
