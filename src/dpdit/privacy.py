@@ -41,6 +41,11 @@ logging.getLogger("opacus").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
+def steps_of(history: History) -> int:
+    """Noisy steps recorded in a history of (noise multiplier, sample rate, steps) entries."""
+    return sum(entry[2] for entry in history)
+
+
 @functools.lru_cache(maxsize=1024)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
@@ -253,7 +258,7 @@ class DPSGDTraining:
 
     @property
     def steps(self) -> int:
-        return sum(entry[2] for entry in self.accountant.history)
+        return steps_of(self.accountant.history)
 
     @property
     def epsilon(self) -> float:

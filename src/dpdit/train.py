@@ -24,6 +24,7 @@ from dpdit.privacy import (
     calibrate_noise_multiplier,
     check_model_is_private,
     epsilon_of,
+    steps_of,
 )
 
 
@@ -94,7 +95,7 @@ def noise_multiplier_for(config: PrivacyConfig, sample_rate: float, max_steps: i
     if config.noise_multiplier is not None:
         return config.noise_multiplier
     history = [tuple(entry) for entry in (state or {}).get("history", [])]
-    remaining = max(max_steps - sum(entry[2] for entry in history), 0)
+    remaining = max(max_steps - steps_of(history), 0)
     previous = (state or {}).get("noise_multiplier")
     if previous is not None and config.target_epsilon >= epsilon_of(
         [*history, (previous, sample_rate, remaining)], config.delta, config.accountant
