@@ -33,3 +33,45 @@ def make_config(tmp_path):
             )
 
     return make
+
+
+def save_tiny_pipeline(directory: Path, num_embeds_ada_norm: int = 1000, seed: int = 0) -> Path:
+    """A randomly initialised DiTPipeline (2-block DiT with learned sigma on 8x8x4 latents,
+    a VAE for 16x16 RGB images, DDIM), saved like the hub's facebook/DiT-XL-2-256."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=num_embeds_ada_norm,
+    )
+    # Random adaLN outputs instead of zeros, so that every weight matters in the tests.
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("hub") / "tiny-dit")

@@ -12,8 +12,10 @@ import torch
 from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 
+from dpdit.export import export_pipeline
 from dpdit.images import save_grid, to_uint8
 from dpdit.metrics import class_consistency
+from dpdit.models.pretrained import PretrainedDiT
 
 
 def _json_number(value):
@@ -40,6 +42,7 @@ class PrivacyReport(L.Callback):
             return
         report = {key: _json_number(value) for key, value in pl_module.privacy.report().items()}
         report["trainable_parameters"] = sum(p.numel() for p in pl_module.model.parameters() if p.requires_grad)
+        report["total_parameters"] = sum(p.numel() for p in pl_module.model.parameters())
         report["global_step"] = trainer.global_step
         self.path.write_text(json.dumps(report, indent=2))
         for logger in trainer.loggers:
@@ -49,7 +52,8 @@ class PrivacyReport(L.Callback):
 
 class SampleImages(L.Callback):
     """Generates `num_per_class` images per class with classifier-free guidance from the EMA
-    weights at the end of training: `samples.npz` (uint8 images, labels) and `samples.png`."""
+    weights at the end of training: `samples.npz` (uint8 images, labels) and `samples.png`.
+    Latent models' samples are decoded to pixels by their VAE."""
 
     def __init__(
         self,
@@ -76,10 +80,10 @@ class SampleImages(L.Callback):
         model = pl_module.ema.module.eval()
         labels = torch.arange(model.num_classes, device=pl_module.device).repeat_interleave(self.num_per_class)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = [
-            pl_module.diffusion.sample(model, chunk, self.guidance_scale, self.steps, self.scheduler, generator)
-            for chunk in labels.split(self.batch_size)
-        ]
+        images = []
+        for chunk in labels.split(self.batch_size):
+            sample = pl_module.diffusion.sample(model, chunk, self.guidance_scale, self.steps, self.scheduler, generator)
+            images.append(sample if model.vae is None else model.vae.decode(sample))
         return to_uint8(torch.cat(images)), labels.cpu().numpy()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,3 +104,18 @@ class SampleImages(L.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples/grid", [grid], step=trainer.global_step)
                 logger.experiment.summary.update({f"samples/{k}": v for k, v in metrics.items()})
+
+
+class ExportPipeline(L.Callback):
+    """Saves the EMA weights of a pretrained diffusers DiT with its VAE as a DiTPipeline in
+    `<output_dir>/pipeline` at the end of training (other models have no pipeline form)."""
+
+    def __init__(self, output_dir: str, scheduler: str = "ddim"):
+        self.directory = Path(output_dir) / "pipeline"
+        self.scheduler = scheduler
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.ema.module
+        if not trainer.is_global_zero or not isinstance(model, PretrainedDiT) or model.vae is None:
+            return
+        export_pipeline(model, pl_module.diffusion, self.directory, trainer.datamodule.class_names, self.scheduler)

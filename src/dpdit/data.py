@@ -15,6 +15,9 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 
+from dpdit.latents import cached_latents, describe_images
+from dpdit.models.pretrained import FrozenVAE
+
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder", "fake")
 DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3}
 
@@ -83,7 +86,13 @@ def build_dataset(
                 f"data.root={root!r} is not a directory: data=imagefolder expects one "
                 "subfolder of images per class (root/class_name/image.png)"
             )
-        return datasets.ImageFolder(root, transform=transform)
+        folder = datasets.ImageFolder(root, transform=transform)
+        if len(folder.classes) != num_classes:
+            raise ValueError(
+                f"data.root={root!r} has {len(folder.classes)} class folders but data.num_classes={num_classes}: "
+                f"set data.num_classes={len(folder.classes)}"
+            )
+        return folder
     dataset_class = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
     try:
         return dataset_class(root, train=True, download=download, transform=transform)
@@ -102,6 +111,10 @@ class ImageDataModule(L.LightningDataModule):
     DP-SGD's accounting assumes); otherwise batches are shuffled and of fixed size.
     `noise_schedule_end` is the end of the linear noise schedule that suits these images
     (smaller images are destroyed by less noise); the diffusion config reads it.
+
+    With a `vae` the dataset holds the VAE latents of the images instead (and of their
+    mirrors when `hflip`), encoded once into `latent_cache_dir` (default: beside
+    `root`, as `<root>.latents`, or `data/latents` for datasets without a root).
     """
 
     def __init__(
@@ -119,6 +132,8 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         poisson_sampling: bool = True,
         noise_schedule_end: float = 0.02,
+        vae: FrozenVAE | None = None,
+        latent_cache_dir: str | None = None,
     ):
         super().__init__()
         self.dataset = dataset
@@ -134,20 +149,43 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.poisson_sampling = poisson_sampling
         self.noise_schedule_end = noise_schedule_end
+        self.vae = vae
+        self.latent_cache_dir = latent_cache_dir or (f"{Path(root).expanduser()}.latents" if root else "data/latents")
         self.train_dataset: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None:
-            self.train_dataset = build_dataset(
-                self.dataset,
-                self.root,
-                self.image_size,
-                self.channels,
-                self.num_classes,
-                hflip=self.hflip,
-                download=self.download,
-                size=self.size,
-            )
+        if self.train_dataset is not None:
+            return
+        # Latents are encoded from unflipped images; the cache holds the mirrors.
+        images = build_dataset(
+            self.dataset,
+            self.root,
+            self.image_size,
+            self.channels,
+            self.num_classes,
+            hflip=self.hflip and self.vae is None,
+            download=self.download,
+            size=self.size,
+        )
+        if self.vae is None:
+            self.train_dataset = images
+            return
+        settings = {key: getattr(self, key) for key in ("dataset", "image_size", "channels", "num_classes", "size")}
+        self.train_dataset = cached_latents(
+            images,
+            self.vae,
+            self.latent_cache_dir,
+            describe_images(images, settings),
+            flips=self.hflip,
+            batch_size=self.physical_batch_size,
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order: a folder dataset's subfolders, else the label numbers."""
+        if self.dataset == "imagefolder" and self.root is not None and Path(self.root).is_dir():
+            return datasets.folder.find_classes(self.root)[0]
+        return [str(label) for label in range(self.num_classes)]
 
     @property
     def dataset_size(self) -> int:

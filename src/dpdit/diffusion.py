@@ -171,10 +171,12 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Class-conditional samples in model space ([-1, 1] for pixels), one per label."""
+        """Class-conditional samples in model space (pixels in [-1, 1], or latents), one per label."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sample.scheduler={sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
-        scheduler = SAMPLERS[sampler].from_config(self.scheduler.config)
+        # Clipping x0 to [-1, 1] suits pixels only; VAE latents range wider.
+        pixel_space = model.vae is None
+        scheduler = SAMPLERS[sampler].from_config(self.scheduler.config, clip_sample=self.scheduler.config.clip_sample and pixel_space)
         scheduler.set_timesteps(num_steps)
         shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
         x = randn_tensor(shape, generator=generator, device=labels.device) * scheduler.init_noise_sigma

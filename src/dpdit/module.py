@@ -48,7 +48,8 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
-        self.ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+        # The models' buffers are constants (positions, class-row maps): only weights average.
+        self.ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=False)
         self.ema.requires_grad_(False)
         self.diffusion = diffusion
         self.optimizer_factory = optimizer

@@ -124,10 +124,11 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     L.seed_everything(cfg.seed, workers=True)
 
     privacy_config = PrivacyConfig(**OmegaConf.to_container(cfg.privacy, resolve=True))
-    datamodule: ImageDataModule = instantiate(cfg.data, poisson_sampling=privacy_config.enabled)
+    # The model first: a pretrained one brings the VAE that encodes the data.
+    model = instantiate(cfg.model)
+    datamodule: ImageDataModule = instantiate(cfg.data, poisson_sampling=privacy_config.enabled, vae=model.vae)
     datamodule.setup("fit")
     check_batches(datamodule)
-    model = instantiate(cfg.model)
     check_data_matches_model(datamodule, model)
     privacy = make_privacy(privacy_config, datamodule, cfg.trainer.max_steps, privacy_state)
     if privacy.enabled:

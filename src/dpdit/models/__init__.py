@@ -1,3 +1,4 @@
 from dpdit.models.dit import DiT, get_2d_sincos_pos_embed, patchify, unpatchify
+from dpdit.models.pretrained import FrozenVAE, PretrainedDiT, create_dit, load_vae
 
-__all__ = ["DiT", "get_2d_sincos_pos_embed", "patchify", "unpatchify"]
+__all__ = ["DiT", "FrozenVAE", "PretrainedDiT", "create_dit", "get_2d_sincos_pos_embed", "load_vae", "patchify", "unpatchify"]

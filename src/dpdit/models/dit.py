@@ -202,6 +202,9 @@ class DiT(nn.Module):
     official 0.02 suits long runs, short runs learn conditioning faster with larger values.
     """
 
+    # The frozen VAE whose latents the model works on (set by `create_dit`); None: pixels.
+    vae = None
+
     def __init__(
         self,
         input_size: int = 32,
