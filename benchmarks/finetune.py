@@ -1,12 +1,14 @@
 """Step time and peak memory of DP fine-tuning a diffusers DiT, against privacy=none.
 
     python benchmarks/finetune.py                        # facebook/DiT-XL-2-256 (cached weights)
-    python benchmarks/finetune.py --model small --device cpu   # a random 4-block DiT, no download
+    python benchmarks/finetune.py --model random-xl      # DiT-XL/2's shape, random weights
+    python benchmarks/finetune.py --model small --device cpu   # a random 4-block DiT
 
 Every (privacy, finetune) setting runs in its own process on random latents through the
 training step dpdit uses (per-sample loss, Opacus clipping and noise, Adam); the step time
-is the median over `--steps` steps after `--warmup`, the peak memory is CUDA's peak
-allocation or, on the CPU, the process's peak resident set. Prints a Markdown table with
+is the median over `--steps` steps after `--warmup`. The peak memory is CUDA's peak
+allocation (weights included) or, on the CPU, how far the process's peak resident set
+rose above its size before the first step. Prints a Markdown table with
 each setting's ratios to privacy=none with the same trained parameters.
 """
 
@@ -22,6 +24,13 @@ import time
 
 import torch
 
+# ImageNet classes, so that `finetune` alone decides what is trained
+LABELS = {"num_classes": 10, "labels": "imagenet", "class_ids": list(range(10))}
+# Randomly initialised stand-ins: time and memory do not depend on the weights.
+RANDOM_MODELS = {
+    "small": {"num_attention_heads": 4, "attention_head_dim": 16, "num_layers": 4, "sample_size": 16, "out_channels": 8},
+    "random-xl": {"out_channels": 8},  # DiT-XL/2 at 256x256 (32x32x4 latents)
+}
 SETTINGS = [(privacy, finetune) for finetune in ("full", "attention") for privacy in ("none", "hooks", "ghost")]
 
 
@@ -30,13 +39,15 @@ def build_model(name: str, finetune: str):
 
     from dpdit.models import PretrainedDiT
 
-    if name == "small":
-        torch.manual_seed(0)
-        transformer = DiTTransformer2DModel(
-            num_attention_heads=4, attention_head_dim=16, num_layers=4, sample_size=16, out_channels=8
-        )
-        return PretrainedDiT(transformer, num_classes=10, finetune=finetune)
-    return PretrainedDiT.from_pretrained(name, num_classes=10, finetune=finetune)
+    torch.manual_seed(0)
+    if name in RANDOM_MODELS:
+        return PretrainedDiT(DiTTransformer2DModel(**RANDOM_MODELS[name]), finetune=finetune, **LABELS)
+    return PretrainedDiT.from_pretrained(name, finetune=finetune, **LABELS)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 class ManualBackward:
@@ -64,6 +75,7 @@ def measure(name: str, privacy_mode: str, finetune: str, batch_size: int, steps:
     times = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    resident_before = resident_bytes()
     for step in range(warmup + steps):
         latents = torch.randn(shape, device=device)
         labels = torch.randint(0, model.num_classes, (batch_size,), device=device)
@@ -78,7 +90,10 @@ def measure(name: str, privacy_mode: str, finetune: str, batch_size: int, steps:
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident_before
     return {
         "privacy": privacy_mode,
         "finetune": finetune,
@@ -90,7 +105,7 @@ def measure(name: str, privacy_mode: str, finetune: str, batch_size: int, steps:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="facebook/DiT-XL-2-256", help="hub id, local folder, or 'small'")
+    parser.add_argument("--model", default="facebook/DiT-XL-2-256", help="hub id, local folder, 'random-xl' or 'small'")
     parser.add_argument("--batch-size", type=int, default=8, help="physical batch per step")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -108,7 +123,8 @@ def main() -> None:
         rows.append(json.loads(output.strip().splitlines()[-1]))
     baseline = {row["finetune"]: row for row in rows if row["privacy"] == "none"}
     print(f"model {args.model}, physical batch {args.batch_size}, {args.device}, median of {args.steps} steps\n")
-    print("| finetune | privacy | trained parameters | step time (s) | vs none | peak memory (GiB) | vs none |")
+    memory = "peak memory (GiB)" if args.device == "cuda" else "peak RSS growth (GiB)"
+    print(f"| finetune | privacy | trained parameters | step time (s) | vs none | {memory} | vs none |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         base = baseline[row["finetune"]]

@@ -223,3 +223,23 @@ def test_clear_errors_before_training(make_config, tiny_pipeline, tmp_path, over
     with pytest.raises(ConfigError, match=message):
         setup(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_image_folder_latents_follow_the_files(make_config, tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for index, name in enumerate(["benign", "malignant", "normal"] * 3):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(index).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name / f"{index}.png")
+    overrides = [o for o in run_overrides(tiny_pipeline, "unused") if not o.startswith(("data.latent_cache_dir", "data.size"))]
+    overrides = [*overrides, "data=imagefolder", f"data.root={root}", "data.hflip=false"]
+    _, _, datamodule = setup(make_config(*overrides, name="a", fast=False))
+    assert datamodule.class_names == ["benign", "malignant", "normal"]
+    assert datamodule.dataset_size == 9
+    cache = tmp_path / "images.latents"  # beside the data, not inside its class folders
+    assert len(list(cache.glob("*.pt"))) == 1
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "normal" / "2.png")
+    setup(make_config(*overrides, name="b", fast=False))
+    assert len(list(cache.glob("*.pt"))) == 2
