@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import save_tiny_pipeline
 from diffusers import DiTPipeline
+from omegaconf import OmegaConf
 from test_privacy_step import dp, norm, run_step
 
+from dpdit.data import build_dataset
 from dpdit.export import ema_state, export_run
 from dpdit.export import main as export_main
 from dpdit.models import FrozenVAE, PretrainedDiT
@@ -174,15 +176,13 @@ def test_latent_cache_is_written_once_and_reused(make_config, tiny_pipeline, tmp
     monkeypatch.undo()
 
     other_vae = save_tiny_pipeline(tmp_path / "other", seed=1)
-    _, _, datamodule = setup(make_config(*run_overrides(tiny_pipeline, cache, f"model.vae_name_or_path={other_vae}"), name="third", fast=False))
+    setup(make_config(*run_overrides(tiny_pipeline, cache, f"model.vae_name_or_path={other_vae}"), name="third", fast=False))
     assert len(list(cache.glob("*.pt"))) == 2
     _, _, datamodule = setup(make_config(*run_overrides(tiny_pipeline, cache, "data.hflip=true"), name="fourth", fast=False))
     assert len(list(cache.glob("*.pt"))) == 3
     # both flips are encoded: view 1 is the latent of the mirrored image
     dataset = datamodule.train_dataset
     assert dataset.latents.shape == (24, 2, 4, 8, 8)
-    from dpdit.data import build_dataset
-
     image, _ = build_dataset("fake", None, 16, 3, 3, size=24)[5]
     vae = datamodule.vae
     torch.testing.assert_close(dataset.latents[5, 1], vae.encode(image.flip(-1)[None])[0])
@@ -195,7 +195,7 @@ def test_export_from_a_checkpoint(make_config, tiny_pipeline, tmp_path):
     run = tmp_path / "run"
     # Hydra writes the run's config; the test composes it, so write it the same way
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(__import__("omegaconf").OmegaConf.to_yaml(cfg))
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     exported = export_run(run, output=tmp_path / "exported")
     pipeline = DiTPipeline.from_pretrained(exported)
     images = pipeline(class_labels=[1000], guidance_scale=1.0, num_inference_steps=2, output_type="np").images

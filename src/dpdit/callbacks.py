@@ -12,10 +12,9 @@ import torch
 from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 
-from dpdit.export import export_pipeline
+from dpdit.export import export_pipeline, exportable
 from dpdit.images import save_grid, to_uint8
 from dpdit.metrics import class_consistency
-from dpdit.models.pretrained import PretrainedDiT
 
 
 def _json_number(value):
@@ -116,6 +115,6 @@ class ExportPipeline(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.ema.module
-        if not trainer.is_global_zero or not isinstance(model, PretrainedDiT) or model.vae is None:
+        if not trainer.is_global_zero or not exportable(model):
             return
         export_pipeline(model, pl_module.diffusion, self.directory, trainer.datamodule.class_names, self.scheduler)

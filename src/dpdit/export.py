@@ -25,12 +25,17 @@ from dpdit.diffusion import SAMPLERS, GaussianDiffusion
 from dpdit.models.pretrained import PretrainedDiT
 
 
+def exportable(model) -> bool:
+    """Whether `model` has a DiTPipeline form: a diffusers DiT with its VAE."""
+    return isinstance(model, PretrainedDiT) and model.vae is not None
+
+
 def export_pipeline(
     model: PretrainedDiT, diffusion: GaussianDiffusion, directory: str | Path, class_names: list[str], sampler: str = "ddim"
 ) -> Path:
     """Save `model` (its diffusers transformer), its VAE and a `sampler` scheduler of the
     training noise schedule as a DiTPipeline in `directory`."""
-    if not isinstance(model, PretrainedDiT) or model.vae is None:
+    if not exportable(model):
         raise ValueError("only a pretrained DiT with a VAE (model=pretrained) exports as a DiTPipeline")
     scheduler = SAMPLERS[sampler].from_config(diffusion.scheduler.config, clip_sample=False)
     pipeline = DiTPipeline(transformer=model.transformer, vae=model.vae.autoencoder, scheduler=scheduler)

@@ -293,10 +293,11 @@ def create_dit(
                 "VAE latents of the images, or use a custom model (model=dit_xl_2 ...) for pixels"
             )
         if model.input_size != size:
+            expected_image_size = model.input_size * (vae.downsampling if vae else 1)
             raise ValueError(
                 f"the pretrained DiT works on {model.input_size}x{model.input_size} latents "
-                f"({model.input_size * (vae.downsampling if vae else 1)} px images) but data.image_size={image_size} "
-                f"gives {size}x{size}: set data.image_size={model.input_size * (vae.downsampling if vae else 1)}"
+                f"({expected_image_size} px images) but data.image_size={image_size} "
+                f"gives {size}x{size}: set data.image_size={expected_image_size}"
             )
     else:
         model = DiT(input_size=size, in_channels=channels, **kwargs)
