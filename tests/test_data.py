@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dpdit.data import ImageDataModule, build_dataset
+from dpdit.data import ImageDataModule, LogicalBatchSampler, build_dataset
 
 
 def test_digits_are_the_real_bundled_images_in_unit_range():
@@ -23,6 +23,35 @@ def test_poisson_batches_have_the_configured_expected_size():
     sizes = [len(labels) for _ in range(10) for _, labels in loader]
     assert abs(np.mean(sizes) - 900) < 4 * np.sqrt(1797 * 0.5 * 0.5 / len(sizes))
     assert len(set(sizes)) > 1  # Poisson, not fixed-size batches
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+def test_ranks_split_exactly_the_single_process_batches(poisson):
+    """Two ranks' batches are disjoint and together the one-process batch, step by step,
+    with as many batches on each rank, empty ones included."""
+    single = list(LogicalBatchSampler(50, 2, poisson=poisson, seed=1))
+    ranks = [list(LogicalBatchSampler(50, 2, poisson=poisson, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 25
+    for whole, first, second in zip(single, *ranks):
+        assert not set(first) & set(second) and sorted(first + second) == sorted(whole)
+    sizes = [len(b) for b in single]
+    assert (0 in sizes and len(set(sizes)) > 2) if poisson else set(sizes) == {2}
+
+
+def test_poisson_inclusion_is_independent_at_the_sample_rate():
+    sampler = LogicalBatchSampler(40, 10, seed=3, world_size=2)
+    masks = np.zeros((2000, 40))
+    for step in range(2000):
+        masks[step, sampler.global_batch(step)] = 1
+    assert np.abs(masks.mean(0) - 0.25).max() < 5 * np.sqrt(0.25 * 0.75 / 2000)
+    # images held by different ranks (0 and 1) are not drawn together more than chance
+    assert abs(np.corrcoef(masks[:, 0], masks[:, 1])[0, 1]) < 5 / np.sqrt(2000)
+
+
+def test_a_resumed_sampler_draws_what_the_uninterrupted_one_would():
+    uninterrupted = list(LogicalBatchSampler(100, 10, seed=1)) + list(LogicalBatchSampler(100, 10, seed=1, first_step=10))
+    resumed = list(LogicalBatchSampler(100, 10, seed=1, first_step=4))
+    assert resumed == uninterrupted[4:14]
 
 
 def test_fake_data_has_the_configured_shape():

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.data_loader import DPDataLoader
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 from torchvision import datasets, transforms
 
 from dpdit.latents import cached_latents, describe_images
@@ -103,12 +104,62 @@ def build_dataset(
         raise _missing_dataset(name, root, fetch) from error
 
 
+class LogicalBatchSampler(Sampler[list[int]]):
+    """Logical batches for one rank, the same global batches however many ranks train.
+
+    Step s's global batch is drawn from a generator seeded by (seed, s): with `poisson`, every
+    image joins independently with probability `sample_rate` (the sampling DP-SGD's
+    accounting assumes); otherwise `batch_size` distinct images. Every rank draws the same
+    global batch and keeps the part whose positions are `rank` modulo `world_size`, so the
+    ranks together hold exactly one single-process batch, and every rank yields the same
+    number of (possibly empty) batches, so none waits for another in a collective.
+    Drawing from (seed, s) rather than a running stream makes a resumed run, which starts
+    at `first_step`, draw the batches an uninterrupted run would have drawn.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        poisson: bool = True,
+        seed: int = 0,
+        first_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.sample_rate = batch_size / dataset_size
+        self.poisson = poisson
+        self.seed = seed
+        self.step = first_step
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        """Batches per epoch: one pass over the data in expectation."""
+        return max(self.dataset_size // self.batch_size, 1)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        generator = np.random.default_rng([self.seed, step])
+        if self.poisson:
+            return np.flatnonzero(generator.random(self.dataset_size) < self.sample_rate)
+        return generator.choice(self.dataset_size, self.batch_size, replace=False)
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            batch = self.global_batch(self.step)
+            self.step += 1
+            yield batch[self.rank :: self.world_size].tolist()
+
+
 class ImageDataModule(L.LightningDataModule):
     """A labelled image dataset and its training loader.
 
-    `batch_size` is the logical batch. With `poisson_sampling` each image joins a batch
-    independently with probability `sample_rate = batch_size / len(dataset)` (the sampling
-    DP-SGD's accounting assumes); otherwise batches are shuffled and of fixed size.
+    `batch_size` is the logical batch over all ranks. With `poisson_sampling` each image
+    joins a batch independently with probability `sample_rate = batch_size / len(dataset)`
+    (the sampling DP-SGD's accounting assumes); otherwise batches are random and of fixed
+    size. See `LogicalBatchSampler` for how ranks share a batch and how resumes continue.
     `noise_schedule_end` is the end of the linear noise schedule that suits these images
     (smaller images are destroyed by less noise); the diffusion config reads it.
 
@@ -131,6 +182,7 @@ class ImageDataModule(L.LightningDataModule):
         size: int = 256,
         num_workers: int = 0,
         poisson_sampling: bool = True,
+        seed: int = 0,
         noise_schedule_end: float = 0.02,
         vae: FrozenVAE | None = None,
         latent_cache_dir: str | None = None,
@@ -148,6 +200,7 @@ class ImageDataModule(L.LightningDataModule):
         self.size = size
         self.num_workers = num_workers
         self.poisson_sampling = poisson_sampling
+        self.seed = seed
         self.noise_schedule_end = noise_schedule_end
         self.vae = vae
         self.latent_cache_dir = latent_cache_dir or (f"{Path(root).expanduser()}.latents" if root else "data/latents")
@@ -198,14 +251,22 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        if self.poisson_sampling:
-            return DPDataLoader(
-                self.train_dataset, sample_rate=self.sample_rate, num_workers=self.num_workers
-            )
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
+        trainer = self.trainer
+        sampler = LogicalBatchSampler(
+            self.dataset_size,
+            self.batch_size,
+            poisson=self.poisson_sampling,
+            seed=self.seed,
+            # a resumed trainer has already restored its step when it asks for the loader
+            first_step=trainer.global_step if trainer else 0,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
         )
+        # Poisson sampling may draw nothing; empty batches keep the images' shapes.
+        example = self.train_dataset[0]
+        collate = wrap_collate_with_empty(
+            collate_fn=default_collate,
+            sample_empty_shapes=[(0, *shape_safe(x)) for x in example],
+            dtypes=[dtype_safe(x) for x in example],
+        )
+        return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)

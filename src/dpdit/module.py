@@ -5,12 +5,20 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from dpdit.diffusion import GaussianDiffusion
-from dpdit.privacy import DPSGDTraining, NonPrivateTraining
+from dpdit.distributed import check_replicas_identical
+from dpdit.privacy import DPSGDTraining, NonPrivateTraining, full_precision
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's randomness (timesteps, noise, label dropout, DP noise) in one
+    step: independent across ranks, and the same in a resumed and an uninterrupted run."""
+    return int(np.random.SeedSequence([seed, 1, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def ema_with_warmup(decay: float) -> Callable:
@@ -34,6 +42,9 @@ class DiffusionModule(L.LightningModule):
     `physical_batch_size` images; the optimizer steps once per logical batch, so
     `trainer.max_steps` counts noisy (logical) steps. The EMA copy is post-processing of
     the private weights and costs no privacy; samples are drawn from it.
+
+    Each step reseeds the random generators from (seed, rank, step), so a run resumed from
+    a checkpoint continues exactly as the uninterrupted run would have.
     """
 
     def __init__(
@@ -44,6 +55,7 @@ class DiffusionModule(L.LightningModule):
         privacy: DPSGDTraining | NonPrivateTraining,
         physical_batch_size: int,
         ema_decay: float = 0.999,
+        seed: int = 0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -55,12 +67,14 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.privacy = privacy
         self.physical_batch_size = physical_batch_size
+        self.seed = seed
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return self.privacy.prepare(self.model, self.optimizer_factory(trainable))
+        return self.privacy.prepare(self.model, self.optimizer_factory(trainable), self.trainer.world_size)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step))
         images, labels = batch
         optimizer = self.optimizers()
         batch_size = images.shape[0]
@@ -75,21 +89,28 @@ class DiffusionModule(L.LightningModule):
         loss_sum = torch.zeros((), device=images.device)
         for index, (x, y) in enumerate(chunks):
             loss_per_sample = weight * self.diffusion.training_losses(self.model, x, y)
-            self.privacy.backward(self, loss_per_sample, batch_size)
+            self.privacy.backward(self, loss_per_sample)
             loss_sum += loss_per_sample.detach().sum()
             if index < len(chunks) - 1:
                 self.privacy.end_micro_batch()
-        optimizer.step()
+        with full_precision(images.device):
+            optimizer.step()
         optimizer.zero_grad()
         self.ema.update_parameters(self.model)
 
-        loss = loss_sum / max(batch_size, 1)
+        # The logged loss and batch size are the global batch's, summed over ranks.
+        totals = self.trainer.strategy.reduce(torch.stack([loss_sum, loss_sum.new_tensor(batch_size)]), reduce_op="sum")
+        loss = totals[0] / totals[1].clamp(min=1)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/batch_size", float(batch_size))
+        self.log("train/batch_size", totals[1])
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         if self.privacy.enabled:
             self.log("privacy/epsilon", self.privacy.epsilon, prog_bar=True)
         return loss
+
+    def on_train_end(self) -> None:
+        if self.trainer.world_size > 1:
+            check_replicas_identical(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["privacy"] = self.privacy.state_dict()

@@ -5,6 +5,11 @@ physical micro-batches. Each micro-batch's per-sample gradients are clipped and 
 Opacus' `summed_grad` (a skipped optimizer step); the last micro-batch adds the Gaussian
 noise once, divides by the expected batch size and steps, so every micro-batch counts
 in `hooks` and in `ghost` mode alike.
+
+With several ranks, each holds its share of the global batch and clips it; Opacus'
+distributed optimizers add the noise on rank 0 only and sum the ranks' gradients, so the
+global update is (sum of all clipped gradients + one N(0, sigma^2 C^2) draw) / (q N), the
+single-process update.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from opacus.validators import ModuleValidator
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 CLIPPING_MODES = ("hooks", "ghost")
+# Trainer precisions under which a DP step stays exact. Mixed precision is "bf16-mixed"
+# only: float16 scales the loss (clipping would bound the scaled gradients), "-true" modes
+# hold weights, clipped sums and noise in low precision.
+DP_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 MAX_NOISE_MULTIPLIER = 1000.0
 
 History = list[tuple[float, float, int]]
@@ -149,6 +158,44 @@ class PrivacyConfig:
             )
 
 
+def check_precision(precision: str, clipping: str) -> None:
+    """Fail before training for a trainer precision under which DP-SGD is not exact."""
+    precision = str(precision)
+    if precision not in DP_PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={precision} is not supported with privacy=dp: use 32-true, or "
+            "bf16-mixed on GPUs (per-sample gradients, clipping and noise then stay in float32)"
+        )
+    if precision == "bf16-mixed" and clipping == "ghost":
+        raise ValueError(
+            "trainer.precision=bf16-mixed with privacy.clipping=ghost: ghost clipping's second "
+            "backward pass sums the batch's clipped gradients in bfloat16, whose rounding mixes "
+            "images and breaks the per-image bound. Use privacy.clipping=hooks (per-sample "
+            "gradients clipped in float32) or trainer.precision=32-true"
+        )
+
+
+def full_precision(device: torch.device):
+    """A context without autocast: per-sample norms, clipping and noise under bf16-mixed
+    must run in the parameters' precision, not in bfloat16."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def in_float32(sampler):
+    """A per-sample gradient (or norm) function that computes in float32 when autocast
+    gave it bfloat16 activations or gradients: the norms that clipping compares with C,
+    and the clipped vectors that are summed, then carry no bfloat16 rounding."""
+
+    def widen(x):
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+    def compute(module, activations, backprops, *args, **kwargs):
+        with full_precision(backprops.device):
+            return sampler(module, [widen(a) for a in activations], widen(backprops), *args, **kwargs)
+
+    return compute
+
+
 def check_model_is_private(model: torch.nn.Module, clipping: str) -> None:
     """Fail before training if Opacus cannot compute per-sample gradients of `model`."""
     errors = ModuleValidator.validate(model, strict=False)
@@ -159,17 +206,30 @@ def check_model_is_private(model: torch.nn.Module, clipping: str) -> None:
         )
 
 
+def _sum_gradients_over_ranks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+
+
 class NonPrivateTraining:
     """`privacy=none`: the same micro-batched step without clipping, noise or accounting."""
 
     enabled = False
 
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1) -> torch.optim.Optimizer:
+        if world_size > 1:
+            optimizer.register_step_pre_hook(_sum_gradients_over_ranks)
         return optimizer
 
-    def backward(self, module, loss_per_sample: torch.Tensor, logical_batch_size: int) -> None:
-        # Sum over the micro-batch, mean over the logical batch: micro-batches add up.
-        module.manual_backward(loss_per_sample.sum() / max(logical_batch_size, 1))
+    def backward(self, module, loss_per_sample: torch.Tensor) -> None:
+        # Sum over the micro-batch (and, at the step, over ranks), mean over the logical
+        # batch, whose size is fixed without Poisson sampling: micro-batches add up.
+        module.manual_backward(loss_per_sample.sum() / self.batch_size)
 
     def end_micro_batch(self) -> None:
         """Gradients simply accumulate in `.grad` until the optimizer steps."""
@@ -214,8 +274,9 @@ class DPSGDTraining:
         self.hooks = None
         self.optimizer = None
 
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Attach Opacus' per-sample gradient hooks to `model` and wrap `optimizer`."""
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1) -> torch.optim.Optimizer:
+        """Attach Opacus' per-sample gradient hooks to `model` and wrap `optimizer`; with
+        `world_size` ranks, the optimizer adds noise on rank 0 and sums over ranks."""
         ghost = {"max_grad_norm": self.config.max_grad_norm, "use_ghost_clipping": True}
         self.hooks = prepare_module(
             model,
@@ -226,12 +287,18 @@ class DPSGDTraining:
             strict=True,
             **(ghost if self.config.clipping == "ghost" else {}),
         )
-        optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.config.clipping)
+        self.hooks.GRAD_SAMPLERS = {layer: in_float32(f) for layer, f in self.hooks.GRAD_SAMPLERS.items()}
+        if self.config.clipping == "ghost":
+            self.hooks.NORM_SAMPLERS = {layer: in_float32(f) for layer, f in self.hooks.NORM_SAMPLERS.items()}
+        optimizer_class = get_optimizer_class(
+            clipping="flat", distributed=world_size > 1, grad_sample_mode=self.config.clipping
+        )
         self.optimizer = optimizer_class(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
-            expected_batch_size=self.expected_batch_size,
+            # each rank's share: the distributed optimizer divides the sum by world_size too
+            expected_batch_size=self.expected_batch_size / world_size,
             loss_reduction="mean",
             secure_mode=self.config.secure_mode,
         )
@@ -242,7 +309,7 @@ class DPSGDTraining:
         # Called by Opacus right after the noise is added: one step per logical batch.
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
 
-    def backward(self, module, loss_per_sample: torch.Tensor, logical_batch_size: int) -> None:
+    def backward(self, module, loss_per_sample: torch.Tensor) -> None:
         """Per-sample gradients of one micro-batch (their mean over the micro-batch)."""
         if self.config.clipping == "ghost":
             # Two passes: per-sample norms, then the gradient of the clipped-weighted loss.
@@ -253,7 +320,8 @@ class DPSGDTraining:
     def end_micro_batch(self) -> None:
         """Clip this micro-batch into the running sum without noise or an optimizer step."""
         self.optimizer.signal_skip_step(do_skip=True)
-        self.optimizer.step()
+        with full_precision(self.optimizer.params[0].device):
+            self.optimizer.step()
         self.optimizer.zero_grad()
 
     @property

@@ -15,7 +15,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dpdit.cluster import resume_checkpoint
 from dpdit.data import ImageDataModule
+from dpdit.distributed import DPDDPStrategy
 from dpdit.module import DiffusionModule
 from dpdit.privacy import (
     DPSGDTraining,
@@ -23,6 +25,7 @@ from dpdit.privacy import (
     PrivacyConfig,
     calibrate_noise_multiplier,
     check_model_is_private,
+    check_precision,
     epsilon_of,
     steps_of,
 )
@@ -76,7 +79,7 @@ def make_privacy(
     """The training's privacy: sigma calibrated for the steps still to take after `state`,
     the checkpoint's privacy entry (whose history the returned object continues)."""
     if not config.enabled:
-        privacy = NonPrivateTraining()
+        privacy = NonPrivateTraining(datamodule.batch_size)
     else:
         config.validate(datamodule.dataset_size)
         if max_steps is None or max_steps <= 0:
@@ -106,12 +109,29 @@ def noise_multiplier_for(config: PrivacyConfig, sample_rate: float, max_steps: i
     )
 
 
+def make_trainer(config: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The configured Trainer; with several processes, on `DPDDPStrategy`, whose gradient
+    sum is the only one that keeps DP-SGD (and the micro-batched step) exact."""
+    trainer: L.Trainer = instantiate(config, callbacks=callbacks, logger=loggers or False)
+    if trainer.world_size == 1 or isinstance(trainer.strategy, DPDDPStrategy):
+        return trainer
+    if config.get("strategy", "auto") != "auto":
+        raise ValueError(
+            f"trainer.strategy={config.strategy} on {trainer.world_size} processes would average "
+            "gradients its own way, which breaks the DP step: use trainer=ddp "
+            "(dpdit.distributed.DPDDPStrategy) or leave trainer.strategy=auto"
+        )
+    return instantiate(config, strategy=DPDDPStrategy(), callbacks=callbacks, logger=loggers or False)
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and the fix."""
 
 
 def setup(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:
-    """Build and check everything; raises ConfigError before any training or writing."""
+    """Build and check everything; raises ConfigError before any training or writing.
+    A requeued SLURM job resumes from its run directory's last checkpoint."""
+    cfg.ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
     try:
         return _build(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, InstantiationException) as error:
@@ -124,9 +144,13 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     L.seed_everything(cfg.seed, workers=True)
 
     privacy_config = PrivacyConfig(**OmegaConf.to_container(cfg.privacy, resolve=True))
+    if privacy_config.enabled:
+        check_precision(cfg.trainer.precision, privacy_config.clipping)
     # The model first: a pretrained one brings the VAE that encodes the data.
     model = instantiate(cfg.model)
-    datamodule: ImageDataModule = instantiate(cfg.data, poisson_sampling=privacy_config.enabled, vae=model.vae)
+    datamodule: ImageDataModule = instantiate(
+        cfg.data, poisson_sampling=privacy_config.enabled, seed=cfg.seed, vae=model.vae
+    )
     datamodule.setup("fit")
     check_batches(datamodule)
     check_data_matches_model(datamodule, model)
@@ -141,10 +165,11 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
         privacy=privacy,
         physical_batch_size=datamodule.physical_batch_size,
         ema_decay=cfg.ema_decay,
+        seed=cfg.seed,
     )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = make_trainer(cfg.trainer, callbacks, loggers)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, module, datamodule

@@ -1,0 +1,135 @@
+"""DP-SGD on two processes (CPU, gloo) against the same step on one process.
+
+Each rank runs a real Lightning Trainer with `DPDDPStrategy`, as torchrun or SLURM would
+start it (the processes exist before Lightning does), and writes what it ends with.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_privacy_step import ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
+
+from dpdit.distributed import DPDDPStrategy
+from dpdit.privacy import DPSGDTraining, PrivacyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = {"even": ([0, 2, 4], [1, 3, 5]), "uneven": ([0, 1, 2, 3, 4], [5]), "one rank empty": ([0, 1, 2, 3, 4, 5], [])}
+NOISE = dict(sigma=2.0, bound=0.5, expected_batch=8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard(indices):
+    images, labels = batch()
+    return images[indices], labels[indices]
+
+
+def ddp_step(privacy, data, **options):
+    return run_step(privacy, physical_batch_size=2, data=data, strategy=DPDDPStrategy(), devices=2, **options)
+
+
+def worker(rank: int, port: int, bound: float, out: str) -> None:
+    # Processes started outside Lightning, like torchrun's or srun's.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank))
+    results = {}
+    for clipping in ("hooks", "ghost"):
+        for name, split in SPLITS.items():
+            _, update = ddp_step(dp(clipping, max_grad_norm=bound), shard(split[rank]))
+            results[clipping, name] = update
+
+    sigma, bound_noise, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
+    privacy = DPSGDTraining(
+        PrivacyConfig(clipping="ghost", max_grad_norm=bound_noise, noise_multiplier=sigma),
+        sample_rate=0.5,
+        dataset_size=2 * expected,
+        noise_multiplier=sigma,
+    )
+    _, results["noise"] = ddp_step(privacy, shard(SPLITS["even"][rank]), loss=ZeroLoss())
+
+    noisy = dp("hooks", max_grad_norm=bound, noise_multiplier=1.0)
+    module, _ = ddp_step(noisy, shard(SPLITS["uneven"][rank]), steps=3)
+    results["weights"] = [p.detach().clone() for p in module.model.parameters()]
+    results["ema"] = [p.detach().clone() for p in module.ema.module.parameters()]
+    results["steps"] = noisy.steps
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What each of two ranks ends with, and the clipping bound they used."""
+    images, labels = batch()
+    bound = float(torch.stack([norm(g) for g in per_sample_gradients(images, labels)]).median())
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(worker, args=(free_port(), bound, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], bound
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_two_process_step_equals_one_process_step_over_the_global_batch(two_ranks, clipping, split):
+    ranks, bound = two_ranks
+    # Half of the images are clipped at this bound, so clipping is really tested.
+    _, single = run_step(dp(clipping, max_grad_norm=bound), physical_batch_size=2, data=batch())
+    for rank in ranks:
+        for got, want in zip(rank[clipping, split], single):
+            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
+
+
+def test_noise_is_added_once_for_the_global_batch(two_ranks):
+    ranks, _ = two_ranks
+    noise = torch.cat([u.flatten() for u in ranks[0]["noise"]])
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["noise"], ranks[1]["noise"]))
+    want = NOISE["sigma"] * NOISE["bound"] / NOISE["expected_batch"]  # not sqrt(2) times that
+    n = noise.numel()
+    assert abs(noise.std().item() - want) < 5 * want / (2 * n) ** 0.5
+    assert abs(noise.mean().item()) < 5 * want / n**0.5
+
+
+def test_replicas_stay_identical_after_noisy_steps(two_ranks):
+    ranks, _ = two_ranks
+    for key in ("weights", "ema"):
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][key], ranks[1][key]))
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 3
+    start = run_step(dp("hooks"), physical_batch_size=2, steps=0)[0].model
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["weights"], start.parameters()))
+
+
+def run_train(tmp_path, name, *overrides):
+    fast = [
+        "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "data.batch_size=64",
+        "data.physical_batch_size=16", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+        "logger=csv", "sample.num_per_class=1", "sample.steps=2", "trainer.accelerator=cpu",
+    ]
+    run_dir = tmp_path / name
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *fast, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_ddp_command_reports_what_one_process_reports(tmp_path):
+    """`python train.py trainer=ddp trainer.devices=2`: Lightning starts the second rank;
+    the report (written once) equals the single process's for the same global batches."""
+    single = json.loads((run_train(tmp_path, "single") / "privacy_report.json").read_text())
+    ddp_dir = run_train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2")
+    report = json.loads((ddp_dir / "privacy_report.json").read_text())
+    for key in ("epsilon", "noise_multiplier", "sample_rate", "steps", "dataset_size", "expected_batch_size", "history"):
+        assert report[key] == single[key], key
+    assert report["steps"] == 3
+    # the same global Poisson batches: the logged (summed over ranks) batch sizes agree
+    sizes = [(run / "csv" / "version_0" / "metrics.csv").read_text().splitlines() for run in (tmp_path / "single", ddp_dir)]
+    column = sizes[0][0].split(",").index("train/batch_size")
+    assert [row.split(",")[column] for row in sizes[0][1:]] == [row.split(",")[column] for row in sizes[1][1:]]
