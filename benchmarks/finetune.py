@@ -3,6 +3,7 @@
     python benchmarks/finetune.py                        # facebook/DiT-XL-2-256 (cached weights)
     python benchmarks/finetune.py --model random-xl      # DiT-XL/2's shape, random weights
     python benchmarks/finetune.py --model small --device cpu   # a random 4-block DiT
+    python benchmarks/finetune.py --model random-xl --precision bf16-mixed   # bf16 autocast
 
 Every (privacy, finetune) setting runs in its own process on random latents through the
 training step dpdit uses (per-sample loss, Opacus clipping and noise, Adam); the step time
@@ -58,14 +59,14 @@ class ManualBackward:
         loss.backward()
 
 
-def measure(name: str, privacy_mode: str, finetune: str, batch_size: int, steps: int, warmup: int, device: str) -> dict:
+def measure(name: str, privacy_mode: str, finetune: str, batch_size: int, steps: int, warmup: int, device: str, precision: str) -> dict:
     from dpdit.diffusion import GaussianDiffusion
-    from dpdit.privacy import DPSGDTraining, NonPrivateTraining, PrivacyConfig
+    from dpdit.privacy import DPSGDTraining, NonPrivateTraining, PrivacyConfig, full_precision
 
     model = build_model(name, finetune).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if privacy_mode == "none":
-        privacy = NonPrivateTraining()
+        privacy = NonPrivateTraining(batch_size)
     else:
         config = PrivacyConfig(clipping=privacy_mode, noise_multiplier=1.0)
         privacy = DPSGDTraining(config, sample_rate=batch_size / 10_000, dataset_size=10_000, noise_multiplier=1.0)
@@ -82,9 +83,12 @@ def measure(name: str, privacy_mode: str, finetune: str, batch_size: int, steps:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = diffusion.training_losses(model, latents, labels)
-        privacy.backward(ManualBackward, loss, batch_size)
-        optimizer.step()
+        # as in Lightning: forward and backward under autocast, the DP step outside it
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = diffusion.training_losses(model, latents, labels)
+            privacy.backward(ManualBackward, loss)
+        with full_precision(torch.device(device)):
+            optimizer.step()
         optimizer.zero_grad()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -110,19 +114,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         privacy_mode, finetune = args.one.split(",")
-        print(json.dumps(measure(args.model, privacy_mode, finetune, args.batch_size, args.steps, args.warmup, args.device)))
+        print(json.dumps(measure(args.model, privacy_mode, finetune, args.batch_size, args.steps, args.warmup, args.device, args.precision)))
         return
     rows = []
-    for privacy_mode, finetune in SETTINGS:
+    # ghost clipping is refused under bf16-mixed (dpdit.privacy.check_precision)
+    settings = [(p, f) for p, f in SETTINGS if not (args.precision == "bf16-mixed" and p == "ghost")]
+    for privacy_mode, finetune in settings:
         command = [sys.executable, __file__, "--one", f"{privacy_mode},{finetune}", *sys.argv[1:]]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     baseline = {row["finetune"]: row for row in rows if row["privacy"] == "none"}
-    print(f"model {args.model}, physical batch {args.batch_size}, {args.device}, median of {args.steps} steps\n")
+    print(f"model {args.model}, physical batch {args.batch_size}, {args.device}, {args.precision}, median of {args.steps} steps\n")
     memory = "peak memory (GiB)" if args.device == "cuda" else "peak RSS growth (GiB)"
     print(f"| finetune | privacy | trained parameters | step time (s) | vs none | {memory} | vs none |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

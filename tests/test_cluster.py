@@ -68,6 +68,9 @@ def test_slurm_launcher_renders_one_task_per_gpu(tmp_path, fake_slurm, monkeypat
 
 
 def test_lightning_reads_the_ranks_from_slurm(monkeypatch, tmp_path):
+    # Lightning's SLURM environment exports MASTER_ADDR/PORT: keep them out of later tests.
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
     for key, value in dict(SLURM_NTASKS=8, SLURM_NTASKS_PER_NODE=4, SLURM_PROCID=5, SLURM_LOCALID=1, SLURM_NODEID=1,
                            SLURM_JOB_NAME="train", SLURM_NODELIST="gpu[01-02]", SLURM_JOB_ID=123).items():
         monkeypatch.setenv(key, str(value))

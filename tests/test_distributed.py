@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_privacy_step import ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
+from test_privacy_step import BATCH, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
 
 from dpdit.distributed import DPDDPStrategy
-from dpdit.privacy import DPSGDTraining, PrivacyConfig
+from dpdit.privacy import DPSGDTraining, NonPrivateTraining, PrivacyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"even": ([0, 2, 4], [1, 3, 5]), "uneven": ([0, 1, 2, 3, 4], [5]), "one rank empty": ([0, 1, 2, 3, 4, 5], [])}
@@ -47,6 +47,7 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
         for name, split in SPLITS.items():
             _, update = ddp_step(dp(clipping, max_grad_norm=bound), shard(split[rank]))
             results[clipping, name] = update
+    _, results["none"] = ddp_step(NonPrivateTraining(BATCH), shard(SPLITS["even"][rank]))
 
     sigma, bound_noise, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
     privacy = DPSGDTraining(
@@ -86,6 +87,14 @@ def test_two_process_step_equals_one_process_step_over_the_global_batch(two_rank
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
 
 
+def test_non_private_two_process_step_equals_one_process_step(two_ranks):
+    ranks, _ = two_ranks
+    _, single = run_step(NonPrivateTraining(BATCH), physical_batch_size=2, data=batch())
+    for rank in ranks:
+        for got, want in zip(rank["none"], single):
+            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
+
+
 def test_noise_is_added_once_for_the_global_batch(two_ranks):
     ranks, _ = two_ranks
     noise = torch.cat([u.flatten() for u in ranks[0]["noise"]])
@@ -112,9 +121,11 @@ def run_train(tmp_path, name, *overrides):
         "logger=csv", "sample.num_per_class=1", "sample.steps=2", "trainer.accelerator=cpu",
     ]
     run_dir = tmp_path / name
+    # a fresh single-node launch: no rendezvous address or cluster left in the environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *fast, f"hydra.run.dir={run_dir}", *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir

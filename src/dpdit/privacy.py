@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import secrets
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -301,9 +302,18 @@ class DPSGDTraining:
             expected_batch_size=self.expected_batch_size / world_size,
             loss_reduction="mean",
             secure_mode=self.config.secure_mode,
+            generator=self._noise_generator(optimizer.param_groups[0]["params"][0].device),
         )
         self.optimizer.attach_step_hook(self._account_step)
         return self.optimizer
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator | None:
+        """None: the noise comes from the training's seeded generator (reproducible, and
+        predictable by whoever knows the seed). In secure mode, a generator seeded from
+        the operating system's entropy, which no config reveals."""
+        if not self.config.secure_mode:
+            return None
+        return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
     def _account_step(self, optimizer) -> None:
         # Called by Opacus right after the noise is added: one step per logical batch.
