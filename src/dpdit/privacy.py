@@ -183,7 +183,7 @@ def full_precision(device: torch.device):
 
 
 def in_float32(sampler):
-    """A per-sample gradient (or norm) function that computes in float32 when autocast
+    """A per-sample gradient function that computes in float32 when autocast
     gave it bfloat16 activations or gradients: the norms that clipping compares with C,
     and the clipped vectors that are summed, then carry no bfloat16 rounding."""
 
@@ -289,8 +289,6 @@ class DPSGDTraining:
             **(ghost if self.config.clipping == "ghost" else {}),
         )
         self.hooks.GRAD_SAMPLERS = {layer: in_float32(f) for layer, f in self.hooks.GRAD_SAMPLERS.items()}
-        if self.config.clipping == "ghost":
-            self.hooks.NORM_SAMPLERS = {layer: in_float32(f) for layer, f in self.hooks.NORM_SAMPLERS.items()}
         optimizer_class = get_optimizer_class(
             clipping="flat", distributed=world_size > 1, grad_sample_mode=self.config.clipping
         )
