@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import FAST
 from test_privacy_step import BATCH, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
 
 from dpdit.distributed import DPDDPStrategy
@@ -115,16 +116,11 @@ def test_replicas_stay_identical_after_noisy_steps(two_ranks):
 
 
 def run_train(tmp_path, name, *overrides):
-    fast = [
-        "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "data.batch_size=64",
-        "data.physical_batch_size=16", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
-        "logger=csv", "sample.num_per_class=1", "sample.steps=2", "trainer.accelerator=cpu",
-    ]
     run_dir = tmp_path / name
     # a fresh single-node launch: no rendezvous address or cluster left in the environment
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *fast, f"hydra.run.dir={run_dir}", *overrides],
+        [sys.executable, str(ROOT / "train.py"), *FAST, "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -139,7 +135,7 @@ def test_ddp_command_reports_what_one_process_reports(tmp_path):
     report = json.loads((ddp_dir / "privacy_report.json").read_text())
     for key in ("epsilon", "noise_multiplier", "sample_rate", "steps", "dataset_size", "expected_batch_size", "history"):
         assert report[key] == single[key], key
-    assert report["steps"] == 3
+    assert report["steps"] == 2  # trainer.max_steps in FAST
     # the same global Poisson batches: the logged (summed over ranks) batch sizes agree
     sizes = [(run / "csv" / "version_0" / "metrics.csv").read_text().splitlines() for run in (tmp_path / "single", ddp_dir)]
     column = sizes[0][0].split(",").index("train/batch_size")
