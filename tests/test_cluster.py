@@ -113,6 +113,8 @@ def test_time_limit_signal_saves_requeues_and_resumes_like_an_uninterrupted_run(
     assert (fake_slurm / "scontrol.log").read_text().split() == ["requeue", "77"]
     saved = torch.load(tmp_path / "job" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 3 and sum(entry[2] for entry in saved["privacy"]["history"]) == 3
+    interrupted = json.loads((tmp_path / "job" / "privacy_report.json").read_text())
+    assert interrupted["steps"] == 3 and interrupted["stopped"].startswith("signal: stopped after step 3")
 
     # The requeued job runs the same command (ckpt_path=null) in the same run directory.
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")

@@ -73,15 +73,6 @@ def test_resume_continues_training_and_accountant(make_config, tmp_path):
     assert checkpoint["global_step"] == 4
 
 
-def test_resume_with_calibration_keeps_the_target(make_config, tmp_path):
-    first = train(make_config("trainer.max_steps=4", name="first"))
-    resumed = train(
-        make_config("trainer.max_steps=6", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}", name="second")
-    )
-    assert resumed["steps"] == 6
-    assert first["epsilon"] < resumed["epsilon"] <= 10.0
-
-
 def test_wandb_logs_offline(make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     train(make_config("logger=default", "sample.num_per_class=1"))

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 
+from dpdit.cluster import Requeued
 from dpdit.export import export_pipeline, exportable
 from dpdit.images import save_grid, to_uint8
 from dpdit.metrics import class_consistency
@@ -31,15 +32,18 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
 
 class PrivacyReport(L.Callback):
-    """Writes `privacy_report.json` (epsilon, delta, sigma, clip, sample rate, steps, ...)."""
+    """Writes `privacy_report.json` (epsilon, delta, sigma, clip, sample rate, steps, history,
+    the epsilon of every accountant, why training stopped) when training ends or stops on a
+    cluster's signal, and attaches it with the resolved config (`config_resolved.yaml`) to the W&B run."""
 
     def __init__(self, output_dir: str):
         self.path = Path(output_dir) / "privacy_report.json"
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, stopped: str) -> None:
         if not trainer.is_global_zero:
             return
         report = {key: _json_number(value) for key, value in pl_module.privacy.report().items()}
+        report["stopped"] = stopped
         report["trainable_parameters"] = sum(p.numel() for p in pl_module.model.parameters() if p.requires_grad)
         report["total_parameters"] = sum(p.numel() for p in pl_module.model.parameters())
         report["global_step"] = trainer.global_step
@@ -47,6 +51,24 @@ class PrivacyReport(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update({f"privacy/{k}": v for k, v in report.items() if not isinstance(v, (list, dict))})
+                for name in (self.path.name, "config_resolved.yaml"):
+                    if (self.path.parent / name).is_file():
+                        logger.experiment.save(str(self.path.parent / name), base_path=str(self.path.parent), policy="now")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        privacy = pl_module.privacy
+        if privacy.budget_exhausted and trainer.global_step < trainer.max_steps:
+            stopped = (
+                f"privacy budget: one more step would spend epsilon {privacy.epsilon_after_next_step():.4g} "
+                f"> privacy.target_epsilon={privacy.config.target_epsilon:g}"
+            )
+        else:
+            stopped = f"trainer.max_steps={trainer.max_steps} reached"
+        self.write(trainer, pl_module, stopped)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, Requeued):
+            self.write(trainer, pl_module, f"signal: {exception}")
 
 
 class SampleImages(L.Callback):
@@ -75,9 +97,9 @@ class SampleImages(L.Callback):
         self.grid_per_class = grid_per_class
 
     @torch.no_grad()
-    def generate(self, pl_module: L.LightningModule) -> tuple[np.ndarray, np.ndarray]:
+    def generate(self, pl_module: L.LightningModule, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
         model = pl_module.ema.module.eval()
-        labels = torch.arange(model.num_classes, device=pl_module.device).repeat_interleave(self.num_per_class)
+        labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.num_per_class)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         images = []
         for chunk in labels.split(self.batch_size):
@@ -88,12 +110,14 @@ class SampleImages(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        images, labels = self.generate(pl_module)
+        # the data's classes: an audited model also has a class per canary
+        num_classes = trainer.datamodule.num_classes
+        images, labels = self.generate(pl_module, num_classes)
         np.savez_compressed(self.output_dir / "samples.npz", images=images, labels=labels)
         grid = save_grid(
             images.reshape(-1, self.num_per_class, *images.shape[1:])[:, : self.grid_per_class].reshape(-1, *images.shape[1:]),
             self.output_dir / "samples.png",
-            rows=pl_module.ema.module.num_classes,
+            rows=num_classes,
         )
         metrics = {}
         if getattr(trainer.datamodule, "dataset", None) == "digits":

@@ -98,15 +98,44 @@ class DiffusionModule(L.LightningModule):
         optimizer.zero_grad()
         self.ema.update_parameters(self.model)
 
-        # The logged loss and batch size are the global batch's, summed over ranks.
-        totals = self.trainer.strategy.reduce(torch.stack([loss_sum, loss_sum.new_tensor(batch_size)]), reduce_op="sum")
-        loss = totals[0] / totals[1].clamp(min=1)
+        loss = self.log_step(loss_sum, batch_size, optimizer)
+        if self.privacy.budget_exhausted:
+            self.trainer.should_stop = True
+        return loss
+
+    def log_step(self, loss_sum: torch.Tensor, batch_size: int, optimizer) -> torch.Tensor:
+        """The global batch's loss and size (summed over ranks), the learning rate, and under
+        DP the privacy dashboard: epsilon so far and the mechanism's settings, and, as
+        non-private diagnostics, the share of per-sample gradients clipped and their mean norm."""
+        totals = [loss_sum, loss_sum.new_tensor(batch_size)]
+        norms = self.privacy.take_gradient_norms()
+        if norms is not None:
+            # An empty batch's placeholder image has no gradient to count.
+            counted = norms[:batch_size]
+            max_grad_norm = self.privacy.config.max_grad_norm
+            totals += [(counted > max_grad_norm).sum().to(loss_sum), counted.sum().to(loss_sum)]
+        totals = self.trainer.strategy.reduce(torch.stack(totals), reduce_op="sum")
+        images = totals[1].clamp(min=1)
+        loss = totals[0] / images
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/batch_size", totals[1])
         self.log("train/lr", optimizer.param_groups[0]["lr"])
-        if self.privacy.enabled:
+        if not self.privacy.enabled:
+            return loss
+        if self.privacy.epsilon_due(self.privacy.steps, last=self.global_step >= self.trainer.max_steps):
             self.log("privacy/epsilon", self.privacy.epsilon, prog_bar=True)
+        self.log("privacy/noise_multiplier", self.privacy.noise_multiplier)
+        self.log("privacy/sample_rate", self.privacy.sample_rate)
+        self.log("privacy/max_grad_norm", self.privacy.config.max_grad_norm)
+        if totals[1] > 0:
+            self.log("nonprivate/clipped_fraction", totals[2] / images)
+            self.log("nonprivate/grad_norm_mean", totals[3] / images)
         return loss
+
+    def on_train_start(self) -> None:
+        # a resumed run whose budget is already spent takes no step
+        if self.privacy.budget_exhausted:
+            self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
         if self.trainer.world_size > 1:

@@ -33,6 +33,9 @@ from opacus.validators import ModuleValidator
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 CLIPPING_MODES = ("hooks", "ghost")
+# What an init_ckpt_path checkpoint was trained on: this run's data (its privacy history
+# counts towards this run's epsilon) or data disjoint from it (its history does not).
+INIT_DATA = ("same", "disjoint")
 # Trainer precisions under which a DP step stays exact. Mixed precision is "bf16-mixed"
 # only: float16 scales the loss (clipping would bound the scaled gradients), "-true" modes
 # hold weights, clipped sums and noise in low precision.
@@ -69,12 +72,20 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
     """
     if not history:
         return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf  # a step without noise has no DP guarantee
     if accountant == "rdp":
         rdp = sum(steps * _rdp_of_one_step(float(sigma), float(q)) for sigma, q, steps in history)
         return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
     counter = create_accountant(mechanism=accountant)
     counter.history = [tuple(entry) for entry in history]
-    return float(counter.get_epsilon(delta=delta))
+    try:
+        return float(counter.get_epsilon(delta=delta))
+    except ValueError:
+        # Opacus' GDP conversion searches epsilon in [0, 500] and fails beyond it
+        if accountant != "gdp":
+            raise
+        return math.inf
 
 
 def calibrate_noise_multiplier(
@@ -93,6 +104,9 @@ def calibrate_noise_multiplier(
     the very function that computes the reported epsilon, so the report never exceeds the
     target.
     """
+
+    if steps < 1:
+        raise ValueError(f"calibrating the noise needs at least one step to take, got {steps}")
 
     def spent(sigma: float) -> float:
         return epsilon_of([*history, (sigma, sample_rate, steps)], delta, accountant)
@@ -116,6 +130,32 @@ def calibrate_noise_multiplier(
     return high
 
 
+def steps_within_budget(
+    target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, steps: int, accountant: str, history: History
+) -> int:
+    """The most steps, up to `steps`, that can follow `history` at (noise multiplier, sample
+    rate) without epsilon exceeding `target_epsilon`."""
+
+    def fits(count: int) -> bool:
+        more = [(noise_multiplier, sample_rate, count)] if count else []
+        return epsilon_of([*history, *more], delta, accountant) <= target_epsilon
+
+    if fits(steps):
+        return steps
+    if not fits(0):
+        return 0
+    low, high = 0, steps  # fits(low), not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def epsilon_by_accountant(history: History, delta: float) -> dict[str, float]:
+    """The epsilon every accountant gives for the same history."""
+    return {accountant: epsilon_of(history, delta, accountant) for accountant in ACCOUNTANTS}
+
+
 @dataclass
 class PrivacyConfig:
     """The `privacy` config group. `noise_multiplier: null` calibrates it to the target."""
@@ -129,6 +169,7 @@ class PrivacyConfig:
     clipping: str = "ghost"
     noise_multiplicity: int = 1
     secure_mode: bool = False
+    init_data: str = "same"
 
     def validate(self, dataset_size: int) -> None:
         """Raise a ValueError naming the setting for every invalid choice."""
@@ -153,6 +194,8 @@ class PrivacyConfig:
                 )
         elif self.noise_multiplier < 0:
             raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0 (or null to calibrate)")
+        if self.init_data not in INIT_DATA:
+            raise ValueError(f"privacy.init_data={self.init_data!r} is unknown: choose one of {', '.join(INIT_DATA)}")
         if self.noise_multiplicity != 1:
             raise ValueError(
                 f"privacy.noise_multiplicity={self.noise_multiplicity} is not supported yet; use 1"
@@ -235,6 +278,11 @@ class NonPrivateTraining:
     def end_micro_batch(self) -> None:
         """Gradients simply accumulate in `.grad` until the optimizer steps."""
 
+    def take_gradient_norms(self) -> None:
+        """No clipping, so no per-sample norms are computed."""
+
+    budget_exhausted = False
+
     @property
     def epsilon(self) -> float:
         return math.inf
@@ -251,6 +299,15 @@ class NonPrivateTraining:
 
     def report(self) -> dict[str, Any]:
         return {"enabled": False, "epsilon": None}
+
+
+def check_resumable(state: dict[str, Any]) -> None:
+    """A DP run resumes only a DP checkpoint."""
+    if not state.get("enabled"):
+        raise ValueError(
+            "ckpt_path holds a run without privacy: its weights may have seen the data "
+            "without DP, so no DP guarantee can be stated for the resumed run"
+        )
 
 
 class DPSGDTraining:
@@ -274,6 +331,12 @@ class DPSGDTraining:
         self.accountant = create_accountant(mechanism=config.accountant)
         self.hooks = None
         self.optimizer = None
+        # accountant steps the budget allows (None: no target, no limit)
+        self.step_limit: int | None = None
+        self._gradient_norms: list[torch.Tensor] = []
+        self._epsilon_memo: tuple[int, float] = (0, 0.0)
+        # where an init_ckpt_path run started from, and whether its spend counts
+        self.init_checkpoint: dict[str, Any] | None = None
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1) -> torch.optim.Optimizer:
         """Attach Opacus' per-sample gradient hooks to `model` and wrap `optimizer`; with
@@ -317,13 +380,50 @@ class DPSGDTraining:
         # Called by Opacus right after the noise is added: one step per logical batch.
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
 
+    def limit_steps(self, remaining_steps: int) -> int:
+        """Stop the run where one more step would spend more than the target: returns how
+        many of `remaining_steps` the budget allows."""
+        if self.config.target_epsilon is None:
+            return remaining_steps
+        allowed = steps_within_budget(
+            self.config.target_epsilon, self.config.delta, self.noise_multiplier, self.sample_rate,
+            remaining_steps, self.config.accountant, self.accountant.history,
+        )
+        self.step_limit = self.steps + allowed
+        return allowed
+
+    def epsilon_due(self, steps_done: int, last: bool) -> bool:
+        """Whether the dashboard shows epsilon after this step: always with RDP and GDP
+        (cached, microseconds); with PRV, which takes about a second per evaluation, at a
+        hundred points of the run and at its last step."""
+        interval = 1 if self.config.accountant != "prv" else max(1, (self.step_limit or steps_done) // 100)
+        return last or self.budget_exhausted or steps_done % interval == 0
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.step_limit is not None and self.steps >= self.step_limit
+
+    def epsilon_after_next_step(self) -> float:
+        history = [*self.accountant.history, (self.noise_multiplier, self.sample_rate, 1)]
+        return epsilon_of(history, self.config.delta, self.config.accountant)
+
     def backward(self, module, loss_per_sample: torch.Tensor) -> None:
         """Per-sample gradients of one micro-batch (their mean over the micro-batch)."""
         if self.config.clipping == "ghost":
             # Two passes: per-sample norms, then the gradient of the clipped-weighted loss.
             DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_sample, "mean").backward()
+            norms = self.hooks.per_sample_gradient_norms
         else:
             module.manual_backward(loss_per_sample.mean())
+            # Opacus computes these norms again when it clips; it does not keep them.
+            norms = torch.stack([g.flatten(1).norm(dim=1) for g in self.optimizer.grad_samples], dim=1).norm(dim=1)
+        self._gradient_norms.append(norms.detach())
+
+    def take_gradient_norms(self) -> torch.Tensor:
+        """The per-sample gradient norms (before clipping) of the step so far, and forget them.
+        Computed from the private data without noise: a diagnostic, not a private statistic."""
+        norms, self._gradient_norms = torch.cat(self._gradient_norms), []
+        return norms
 
     def end_micro_batch(self) -> None:
         """Clip this micro-batch into the running sum without noise or an optimizer step."""
@@ -338,17 +438,17 @@ class DPSGDTraining:
 
     @property
     def epsilon(self) -> float:
-        return epsilon_of(self.accountant.history, self.config.delta, self.config.accountant)
+        # PRV takes about a second per evaluation: evaluate once per step at most.
+        steps = self.steps
+        if self._epsilon_memo[0] != steps:
+            self._epsilon_memo = (steps, epsilon_of(self.accountant.history, self.config.delta, self.config.accountant))
+        return self._epsilon_memo[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"enabled": True, "noise_multiplier": self.noise_multiplier, "history": list(self.accountant.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state.get("enabled"):
-            raise ValueError(
-                "ckpt_path holds a run without privacy: its weights may have seen the data "
-                "without DP, so no DP guarantee can be stated for the resumed run"
-            )
+        check_resumable(state)
         # (sigma, q, steps) entries mean the same to every accountant, so a run may
         # switch accountants on resume.
         self.accountant.history = [tuple(entry) for entry in state["history"]]
@@ -359,6 +459,8 @@ class DPSGDTraining:
             "epsilon": self.epsilon,
             "delta": self.config.delta,
             "target_epsilon": self.config.target_epsilon,
+            "epsilon_by_accountant": epsilon_by_accountant(self.accountant.history, self.config.delta),
+            "step_limit": self.step_limit,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.config.max_grad_norm,
             "sample_rate": self.sample_rate,
@@ -369,5 +471,6 @@ class DPSGDTraining:
             "dataset_size": self.dataset_size,
             "expected_batch_size": self.expected_batch_size,
             "history": [list(entry) for entry in self.accountant.history],
+            "init_checkpoint": self.init_checkpoint,
             "settings": asdict(self.config),
         }

@@ -6,6 +6,7 @@ compute and never touches an existing checkpoint or privacy history.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dpdit.cluster import resume_checkpoint
@@ -21,24 +23,60 @@ from dpdit.distributed import DPDDPStrategy
 from dpdit.module import DiffusionModule
 from dpdit.privacy import (
     DPSGDTraining,
+    History,
     NonPrivateTraining,
     PrivacyConfig,
     calibrate_noise_multiplier,
     check_model_is_private,
     check_precision,
-    epsilon_of,
+    check_resumable,
     steps_of,
 )
 
+log = logging.getLogger(__name__)
 
-def load_privacy_state(ckpt_path: str | None) -> dict[str, Any] | None:
-    """The privacy entry of a checkpoint (its accountant history), read without the weights."""
-    if ckpt_path is None:
+
+def read_checkpoint(path: str | None, setting: str) -> dict[str, Any] | None:
+    """A checkpoint's contents, memory-mapped (the weights are read only where used)."""
+    if path is None:
         return None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{setting}={path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def privacy_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint.get("privacy", {"enabled": False})
+
+
+def initialise_from(model: torch.nn.Module, checkpoint: dict[str, Any], path: str) -> None:
+    """Load the EMA weights of an earlier run (the weights its samples came from)."""
+    prefix = "ema.module."
+    weights = {key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"init_ckpt_path={path} holds no EMA weights: give a checkpoint written by train.py")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(
+            f"init_ckpt_path={path} does not fit this model ({str(error).splitlines()[0]}): "
+            "set model=... and its sizes as in the run that wrote it"
+        ) from error
+
+
+def inherited_history(config: PrivacyConfig, checkpoint: dict[str, Any], path: str) -> History:
+    """The earlier spend that counts towards this run: the checkpoint's history when it was
+    trained on this run's data (privacy.init_data=same), nothing when on disjoint data."""
+    if config.init_data == "disjoint":
+        return []
+    state = privacy_state(checkpoint)
+    if not state.get("enabled"):
+        raise ValueError(
+            f"init_ckpt_path={path} has no privacy history: if it was trained on this data, it "
+            "was without DP and no guarantee can be stated. If it never saw this run's data "
+            "(public or other data), say so with privacy.init_data=disjoint"
+        )
+    return [tuple(entry) for entry in state["history"]]
 
 
 def check_output_directory(output_dir: str, ckpt_path: str | None) -> None:
@@ -74,39 +112,47 @@ def check_data_matches_model(datamodule: ImageDataModule, model: torch.nn.Module
 
 
 def make_privacy(
-    config: PrivacyConfig, datamodule: ImageDataModule, max_steps: int, state: dict[str, Any] | None
+    config: PrivacyConfig,
+    datamodule: ImageDataModule,
+    max_steps: int,
+    resumed: dict[str, Any] | None = None,
+    inherited: History = (),
 ) -> DPSGDTraining | NonPrivateTraining:
-    """The training's privacy: sigma calibrated for the steps still to take after `state`,
-    the checkpoint's privacy entry (whose history the returned object continues)."""
+    """The training's privacy, continuing the `resumed` checkpoint's accountant, or starting
+    from an `inherited` history (an earlier run on the same data). A resumed run keeps its
+    noise multiplier; a new one calibrates sigma so that the history plus `max_steps` steps
+    spend the target. Either way the run stops before a step would exceed the target."""
     if not config.enabled:
         privacy = NonPrivateTraining(datamodule.batch_size)
-    else:
-        config.validate(datamodule.dataset_size)
-        if max_steps is None or max_steps <= 0:
-            raise ValueError("privacy=dp needs trainer.max_steps > 0: the noise is calibrated for it")
-        sample_rate = datamodule.sample_rate
-        sigma = noise_multiplier_for(config, sample_rate, max_steps, state)
-        privacy = DPSGDTraining(config, sample_rate, datamodule.dataset_size, sigma)
-    if state is not None:
+        if resumed is not None:
+            privacy.load_state_dict(privacy_state(resumed))
+        return privacy
+    config.validate(datamodule.dataset_size)
+    if max_steps is None or max_steps <= 0:
+        raise ValueError("privacy=dp needs trainer.max_steps > 0: the noise is calibrated for it")
+    state = privacy_state(resumed) if resumed is not None else {"history": list(inherited)}
+    if resumed is not None:
+        check_resumable(state)
+    history = [tuple(entry) for entry in state.get("history", [])]
+    remaining = max(max_steps - (resumed or {}).get("global_step", 0), 0)
+    sigma = config.noise_multiplier if config.noise_multiplier is not None else state.get("noise_multiplier")
+    if sigma is None:
+        sigma = calibrate_noise_multiplier(
+            config.target_epsilon, config.delta, datamodule.sample_rate, remaining, config.accountant, history
+        )
+    privacy = DPSGDTraining(config, datamodule.sample_rate, datamodule.dataset_size, sigma)
+    if resumed is not None:
         privacy.load_state_dict(state)
+    else:
+        privacy.accountant.history = history
+    allowed = privacy.limit_steps(remaining)
+    if allowed < remaining:
+        log.warning(
+            "privacy budget: at noise multiplier %.4g and sample rate %.4g, privacy.target_epsilon=%g "
+            "allows %d of the %d remaining steps; training will stop after step %d",
+            sigma, datamodule.sample_rate, config.target_epsilon, allowed, remaining, max_steps - remaining + allowed,
+        )
     return privacy
-
-
-def noise_multiplier_for(config: PrivacyConfig, sample_rate: float, max_steps: int, state: dict[str, Any] | None) -> float:
-    """The configured sigma, else the resumed run's sigma while it keeps the budget, else a
-    sigma calibrated so that the history plus the remaining steps spend the target."""
-    if config.noise_multiplier is not None:
-        return config.noise_multiplier
-    history = [tuple(entry) for entry in (state or {}).get("history", [])]
-    remaining = max(max_steps - steps_of(history), 0)
-    previous = (state or {}).get("noise_multiplier")
-    if previous is not None and config.target_epsilon >= epsilon_of(
-        [*history, (previous, sample_rate, remaining)], config.delta, config.accountant
-    ):
-        return previous
-    return calibrate_noise_multiplier(
-        config.target_epsilon, config.delta, sample_rate, remaining, config.accountant, history
-    )
 
 
 def make_trainer(config: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
@@ -140,7 +186,13 @@ def setup(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]
 
 def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:
     check_output_directory(cfg.paths.output_dir, cfg.ckpt_path)
-    privacy_state = load_privacy_state(cfg.ckpt_path)
+    if cfg.ckpt_path is not None and cfg.init_ckpt_path is not None:
+        raise ValueError(
+            "ckpt_path and init_ckpt_path are both set: ckpt_path resumes a run, "
+            "init_ckpt_path starts a new one from another run's weights; give one"
+        )
+    resumed = read_checkpoint(cfg.ckpt_path, "ckpt_path")
+    initial = read_checkpoint(cfg.init_ckpt_path, "init_ckpt_path")
     L.seed_everything(cfg.seed, workers=True)
 
     privacy_config = PrivacyConfig(**OmegaConf.to_container(cfg.privacy, resolve=True))
@@ -148,13 +200,18 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
         check_precision(cfg.trainer.precision, privacy_config.clipping)
     # The model first: a pretrained one brings the VAE that encodes the data.
     model = instantiate(cfg.model)
+    if initial is not None:
+        initialise_from(model, initial, cfg.init_ckpt_path)
     datamodule: ImageDataModule = instantiate(
         cfg.data, poisson_sampling=privacy_config.enabled, seed=cfg.seed, vae=model.vae
     )
     datamodule.setup("fit")
     check_batches(datamodule)
     check_data_matches_model(datamodule, model)
-    privacy = make_privacy(privacy_config, datamodule, cfg.trainer.max_steps, privacy_state)
+    inherited = inherited_history(privacy_config, initial, cfg.init_ckpt_path) if initial and privacy_config.enabled else []
+    privacy = make_privacy(privacy_config, datamodule, cfg.trainer.max_steps, resumed, inherited)
+    if initial is not None and privacy.enabled:
+        privacy.init_checkpoint = {"path": str(cfg.init_ckpt_path), "data": privacy_config.init_data, "steps_counted": steps_of(inherited)}
     if privacy.enabled:
         check_model_is_private(model, privacy_config.clipping)
 
@@ -170,13 +227,26 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = make_trainer(cfg.trainer, callbacks, loggers)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if trainer.is_global_zero:
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(resolved, Path(cfg.paths.output_dir) / "config_resolved.yaml")
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved)
     return trainer, module, datamodule
+
+
+def finish_wandb_runs(trainer: L.Trainer) -> None:
+    """End the W&B runs of this training: a W&B run left open in the process would take in
+    the next training's logs (Hydra sweeps run their jobs in one process)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the privacy report."""
     trainer, module, datamodule = setup(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finish_wandb_runs(trainer)
     return module.privacy.report()
