@@ -286,3 +286,7 @@ class DiT(nn.Module):
             x = block(x, c)
         x = self.final_layer(x, c)  # [B, L, p*p*out_channels]
         return unpatchify(x, self.patch_size, self.out_channels, self.input_size, self.input_size)
+
+    def class_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class-table rows of `labels`, [n, hidden_size]."""
+        return self.y_embedder.embedding_table.weight[labels]

@@ -205,6 +205,10 @@ class PretrainedDiT(nn.Module):
     def class_tables(self) -> list[nn.Embedding]:
         return [block.norm1.emb.class_embedder.embedding_table for block in self.transformer.transformer_blocks]
 
+    def class_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
+        """The rows of `labels` in every block's class table, side by side: [n, blocks x width]."""
+        return torch.cat([table.weight[self.table_rows[labels]] for table in self.class_tables()], dim=1)
+
     def _select_trainable(self, finetune: str) -> None:
         if finetune not in FINETUNE:
             raise ValueError(f"model.finetune={finetune!r} is unknown: choose one of {', '.join(FINETUNE)}")
