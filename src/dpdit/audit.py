@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from dpdit.data import ImageDataModule
-from dpdit.diffusion import GaussianDiffusion
+from dpdit.diffusion import GaussianDiffusion, mean_per_sample
 from dpdit.train import ConfigError, finish_wandb_runs, setup
 
 
@@ -92,7 +92,7 @@ def canary_losses(
         for index in torch.arange(images.shape[0]).split(batch_size):
             x0, eps, t_index = images[index].to(device), noise[index].to(device), t[index].to(device)
             output = model(diffusion.scheduler.add_noise(x0, eps, t_index), t_index, labels[index].to(device))
-            losses[index] += ((output[:, : x0.shape[1]] - eps) ** 2).flatten(1).mean(dim=1).cpu()
+            losses[index] += mean_per_sample((output[:, : x0.shape[1]] - eps) ** 2).cpu()
     model.train(training)
     return losses / draws
 

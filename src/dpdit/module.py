@@ -112,8 +112,8 @@ class DiffusionModule(L.LightningModule):
         if norms is not None:
             # An empty batch's placeholder image has no gradient to count.
             counted = norms[:batch_size]
-            max_grad_norm = self.privacy.config.max_grad_norm
-            totals += [(counted > max_grad_norm).sum().to(loss_sum), counted.sum().to(loss_sum)]
+            clipped = (counted > self.privacy.config.max_grad_norm).sum()
+            totals += [clipped.to(loss_sum), counted.sum().to(loss_sum)]
         totals = self.trainer.strategy.reduce(torch.stack(totals), reduce_op="sum")
         images = totals[1].clamp(min=1)
         loss = totals[0] / images
