@@ -11,7 +11,7 @@ import torch
 
 from dpdit.models import DiT
 from dpdit.module import DiffusionModule
-from dpdit.privacy import DPSGDTraining, NonPrivateTraining, PrivacyConfig
+from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, NonPrivateTraining, PrivacyConfig
 
 BATCH = 6
 
@@ -109,7 +109,7 @@ def norm(gradient):
     return torch.sqrt(sum((g**2).sum() for g in gradient))
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", CLIPPING_MODES)
 @pytest.mark.parametrize("physical_batch_size", [BATCH, 4, 1])
 def test_clipped_update_matches_micro_batched_reference(clipping, physical_batch_size):
     images, labels = batch()
@@ -127,7 +127,7 @@ def test_clipped_update_matches_micro_batched_reference(clipping, physical_batch
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", CLIPPING_MODES)
 def test_every_micro_batch_counts(clipping):
     """Dropping any micro-batch from the reference changes the update by a lot."""
     images, labels = batch()
@@ -141,7 +141,7 @@ def test_every_micro_batch_counts(clipping):
     assert norm([u - f for u, f in zip(update, full)]) < 1e-8 * norm(full)
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", CLIPPING_MODES)
 def test_dp_step_without_noise_or_clipping_equals_non_private_step(clipping):
     _, private = run_step(dp(clipping, max_grad_norm=1e6), physical_batch_size=4)
     _, baseline = run_step(NonPrivateTraining(BATCH), physical_batch_size=4)
@@ -149,7 +149,7 @@ def test_dp_step_without_noise_or_clipping_equals_non_private_step(clipping):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", CLIPPING_MODES)
 def test_noise_has_the_expected_standard_deviation_once_per_logical_step(clipping):
     sigma, bound, expected_batch = 2.0, 0.5, 8
     privacy = DPSGDTraining(
@@ -209,6 +209,7 @@ def test_bf16_mixed_clips_in_float32(seed):
         ("16-mixed", "hooks", "trainer.precision=16-mixed is not supported with privacy=dp"),
         ("bf16-true", "hooks", "trainer.precision=bf16-true is not supported"),
         ("bf16-mixed", "ghost", "bf16-mixed with privacy.clipping=ghost.*Use privacy.clipping=hooks"),
+        ("bf16-mixed", "functorch", "bf16-mixed with privacy.clipping=functorch.*Use privacy.clipping=hooks"),
     ],
 )
 def test_precisions_that_break_the_dp_step_are_refused(make_config, precision, clipping, message):

@@ -32,7 +32,10 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.validators import ModuleValidator
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-CLIPPING_MODES = ("hooks", "ghost")
+# Opacus' ways to the per-sample norms: hooks (per-layer per-sample gradients from hooks),
+# ghost (norms without per-sample gradients where a layer allows it), functorch (per-sample
+# gradients of every layer by vmap, for layers Opacus has no hook for).
+CLIPPING_MODES = ("hooks", "ghost", "functorch")
 # What an init_ckpt_path checkpoint was trained on: this run's data (its privacy history
 # counts towards this run's epsilon) or data disjoint from it (its history does not).
 INIT_DATA = ("same", "disjoint")
@@ -216,6 +219,12 @@ def check_precision(precision: str, clipping: str) -> None:
             "backward pass sums the batch's clipped gradients in bfloat16, whose rounding mixes "
             "images and breaks the per-image bound. Use privacy.clipping=hooks (per-sample "
             "gradients clipped in float32) or trainer.precision=32-true"
+        )
+    if precision == "bf16-mixed" and clipping == "functorch":
+        raise ValueError(
+            "trainer.precision=bf16-mixed with privacy.clipping=functorch: functorch recomputes "
+            "each layer per sample outside autocast, from bfloat16 inputs. Use "
+            "privacy.clipping=hooks (per-sample gradients clipped in float32) or trainer.precision=32-true"
         )
 
 
