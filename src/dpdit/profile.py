@@ -1,0 +1,441 @@
+"""`python -m dpdit.profile`: what a DP training step costs in each clipping mode.
+
+For every mode in `profile.modes` (`vanilla`, the non-private step, and the
+`privacy.clipping` modes) and every physical batch size, the real training step (the
+Lightning module, optimizer, EMA and, under DP, clipping and noise) runs on synthetic data of
+the model's input shape in a fresh process, so that one mode's memory cannot hide another's.
+Reported: the median step time after warm-up, images per second and the peak memory (GPU:
+the allocator's peak allocated and reserved bytes; CPU: the process's peak resident memory
+above what it held before the model was built), each as a ratio to `vanilla`.
+`profile.find_max_batch` finds each mode's largest physical batch that fits.
+
+Writes `profile.json` (one record per measurement, with the configuration, device, library
+versions and raw step times) and `profile.png` to the run directory and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from dpdit.module import DiffusionModule
+from dpdit.privacy import (
+    CLIPPING_MODES,
+    DPSGDTraining,
+    NonPrivateTraining,
+    PrivacyConfig,
+    check_model_is_private,
+    check_precision,
+)
+from dpdit.train import ConfigError
+
+VANILLA = "vanilla"
+MODES = (VANILLA, *CLIPPING_MODES)
+GIB = 2**30
+LIBRARIES = ("torch", "opacus", "lightning", "diffusers", "dpdit")
+
+
+#################################################################################
+#                          Inside one measuring process                         #
+#################################################################################
+
+
+def resident_bytes(field: str = "VmRSS") -> int | None:
+    """The process's resident memory (`VmRSS`) or its high-water mark (`VmHWM`), Linux only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_resident_peak() -> None:
+    """Restart the high-water mark from the current resident memory (Linux >= 4.0), so that
+    the peak covers the timed steps only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step after `warmup` steps, and the peak memory over them."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.step_times: list[float] = []
+        self.peak: dict[str, int | None] = {}
+
+    @staticmethod
+    def _synchronize(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._synchronize(module.device)
+        if batch_idx == self.warmup:
+            if module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(module.device)
+            reset_resident_peak()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._synchronize(module.device)
+        if batch_idx < self.warmup:
+            return
+        self.step_times.append(time.perf_counter() - self._start)
+        cuda = module.device.type == "cuda"
+        self.peak = {
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(module.device) if cuda else None,
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(module.device) if cuda else None,
+            "rss_peak_bytes": resident_bytes("VmHWM"),
+        }
+
+
+def training_for(mode: str, profile: DictConfig, privacy: DictConfig, batch_size: int) -> DPSGDTraining | NonPrivateTraining:
+    """The step's privacy machinery for `mode`: a DP step of expected batch `batch_size` with
+    the configured clipping bound, or the non-private step."""
+    if mode == VANILLA:
+        return NonPrivateTraining(batch_size)
+    sigma = 1.0 if profile.noise_multiplier is None else float(profile.noise_multiplier)
+    config = PrivacyConfig(
+        clipping=mode,
+        max_grad_norm=privacy.max_grad_norm,
+        noise_multiplier=sigma,
+        target_epsilon=None,
+        secure_mode=privacy.secure_mode,
+    )
+    # sample rate 1: every step's batch is the whole (synthetic) dataset of batch_size images
+    return DPSGDTraining(config, sample_rate=1.0, dataset_size=batch_size, noise_multiplier=sigma)
+
+
+def build(cfg: DictConfig, mode: str, batch_size: int) -> tuple[DiffusionModule, tuple[torch.Tensor, torch.Tensor]]:
+    """The training module of `mode` and one synthetic batch of the model's input shape."""
+    model = instantiate(cfg.model)
+    if mode != VANILLA:
+        check_model_is_private(model, mode)
+    module = DiffusionModule(
+        model=model,
+        diffusion=instantiate(cfg.diffusion),
+        optimizer=instantiate(cfg.optimizer),
+        privacy=training_for(mode, cfg.profile, cfg.privacy, batch_size),
+        physical_batch_size=batch_size,
+        ema_decay=cfg.ema_decay,
+        seed=cfg.profile.seed,
+    )
+    generator = torch.Generator().manual_seed(cfg.profile.seed)
+    shape = (batch_size, model.in_channels, model.input_size, model.input_size)
+    images = torch.rand(shape, generator=generator) * 2 - 1
+    labels = torch.randint(model.num_classes, (batch_size,), generator=generator)
+    return module, (images, labels)
+
+
+class RepeatedBatch(Dataset):
+    """The same batch, `steps` times."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int):
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
+
+
+def run_steps(cfg: DictConfig, module: DiffusionModule, batch, steps: int, callbacks: list) -> L.Trainer:
+    """`steps` training steps on the same batch, on one device, writing nothing."""
+    trainer = instantiate(
+        cfg.trainer,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    # batch_size=None: the loader hands out the ready-made batch as it is
+    trainer.fit(module, train_dataloaders=DataLoader(RepeatedBatch(batch, steps), batch_size=None))
+    return trainer
+
+
+def cap_gpu_memory(limit_gib: float | None) -> None:
+    if limit_gib is not None and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib * GIB / total))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error)
+
+
+def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num_iter: int) -> dict[str, Any]:
+    """Run in a fresh process: `warmup` + `num_iter` steps of `mode` at `batch_size`."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec")
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+    cfg = OmegaConf.create(config)
+    cap_gpu_memory(cfg.profile.memory_limit_gib)
+    record: dict[str, Any] = {"mode": mode, "batch_size": batch_size}
+    rss_before_model = resident_bytes()
+    try:
+        module, batch = build(cfg, mode, batch_size)
+    except (ValueError, FileNotFoundError, InstantiationException) as error:
+        return {**record, "status": "config_error", "error": str(error)}
+    timer = StepTimer(warmup)
+    try:
+        trainer = run_steps(cfg, module, batch, warmup + num_iter, [timer])
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        return {**record, "status": "out_of_memory", "error": str(error).splitlines()[0]}
+    peak = timer.peak
+    on_gpu = peak["cuda_max_allocated_bytes"] is not None
+    training_peak = peak["cuda_max_allocated_bytes"] if on_gpu else peak["rss_peak_bytes"] - rss_before_model
+    median = statistics.median(timer.step_times)
+    return {
+        **record,
+        "status": "ok",
+        "median_step_s": median,
+        "images_per_s": batch_size / median,
+        "step_times_s": timer.step_times,
+        "warmup_steps": warmup,
+        "memory": {
+            # what the ratios compare: the allocator's peak on GPU; on CPU, the resident memory
+            # the training added to the process at its peak (the libraries' share left out)
+            "peak_bytes": training_peak,
+            "peak_kind": "cuda_max_allocated" if on_gpu else "rss_peak_minus_rss_before_model",
+            **peak,
+            "rss_before_model_bytes": rss_before_model,
+        },
+        "device": describe_device(trainer.strategy.root_device),
+        "versions": library_versions(),
+        "config": OmegaConf.to_container(cfg),
+    }
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    described = {"type": device.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        described.update(name=properties.name, total_memory_bytes=properties.total_memory)
+    return described
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    for library in LIBRARIES:
+        try:
+            versions[library] = version(library)
+        except PackageNotFoundError:
+            versions[library] = None
+    return versions
+
+
+#################################################################################
+#                      The parent: one fresh process per try                    #
+#################################################################################
+
+
+def in_fresh_process(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num_iter: int) -> dict[str, Any]:
+    """`measure` in a new process; a process killed by the system counts as out of memory."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            record = pool.submit(measure, config, mode, batch_size, warmup, num_iter).result()
+        except BrokenProcessPool:
+            record = {"mode": mode, "batch_size": batch_size, "status": "out_of_memory", "error": "the process was killed"}
+    if record["status"] == "config_error":
+        raise ConfigError(record["error"])
+    return record
+
+
+def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
+    """The largest batch in [1, upper] for which `fits` holds (0 if none), assuming that a
+    batch fits whenever a larger one does: doubling from 1, then bisection."""
+    if not fits(1):
+        return 0
+    low = 1
+    while low < upper:
+        candidate = min(2 * low, upper)
+        if not fits(candidate):
+            high = candidate
+            break
+        low = candidate
+    else:
+        return low
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def find_max_batch(config: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Largest physical batch of `mode` that fits, from two-step tries in fresh processes."""
+    limit = config["profile"]["memory_limit_gib"]
+    tries = []
+
+    def fits(batch_size: int) -> bool:
+        record = in_fresh_process(config, mode, batch_size, warmup=1, num_iter=1)
+        peak = record.get("memory", {}).get("peak_bytes")
+        fit = record["status"] == "ok" and (limit is None or peak <= limit * GIB)
+        tries.append({"batch_size": batch_size, "fits": fit, "status": record["status"], "peak_bytes": peak})
+        return fit
+
+    largest = largest_fitting(fits, config["profile"]["max_batch"])
+    return {"batch_size": largest, "memory_limit_gib": limit, "tries": tries}
+
+
+def check_profile_settings(cfg: DictConfig) -> None:
+    profile = cfg.profile
+    unknown = [mode for mode in profile.modes if mode not in MODES]
+    if unknown or not profile.modes:
+        raise ConfigError(f"profile.modes={list(profile.modes)}: choose among {', '.join(MODES)}")
+    if not profile.batch_sizes or any(b < 1 for b in profile.batch_sizes):
+        raise ConfigError(f"profile.batch_sizes={list(profile.batch_sizes)}: each must be at least 1")
+    if profile.warmup < 0 or profile.num_iter < 1:
+        raise ConfigError(f"profile.warmup={profile.warmup}, profile.num_iter={profile.num_iter}: warm-up >= 0 and at least one timed step")
+    if profile.find_max_batch and profile.max_batch < 1:
+        raise ConfigError(f"profile.max_batch={profile.max_batch} must be at least 1")
+    if profile.memory_limit_gib is not None and profile.memory_limit_gib <= 0:
+        raise ConfigError(f"profile.memory_limit_gib={profile.memory_limit_gib} must be positive (or null)")
+    if profile.find_max_batch and profile.memory_limit_gib is None and not torch.cuda.is_available():
+        raise ConfigError(
+            "profile.find_max_batch=true on a machine without a GPU: the CPU has no memory to run "
+            "out of but the system's; set profile.memory_limit_gib to the memory a batch may use"
+        )
+    for mode in profile.modes:
+        if mode != VANILLA:
+            try:
+                check_precision(cfg.trainer.precision, mode)
+            except ValueError as error:
+                raise ConfigError(f"profile.modes has {mode}: {error}") from error
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    """Each record's step time and peak memory over vanilla's at the same batch size."""
+    vanilla = {r["batch_size"]: r for r in records if r["mode"] == VANILLA and r["status"] == "ok"}
+    for record in records:
+        base = vanilla.get(record["batch_size"])
+        if record["status"] != "ok" or base is None:
+            record["vs_vanilla"] = None
+            continue
+        record["vs_vanilla"] = {
+            "step_time": record["median_step_s"] / base["median_step_s"],
+            "peak_memory": record["memory"]["peak_bytes"] / max(base["memory"]["peak_bytes"], 1),
+        }
+
+
+def format_table(records: list[dict[str, Any]], max_batch: dict[str, Any]) -> str:
+    header = f"{'mode':<10} {'batch':>6} {'step (s)':>10} {'images/s':>10} {'peak memory':>12} {'time/vanilla':>13} {'memory/vanilla':>15}"
+    lines = [header, "-" * len(header)]
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"{r['mode']:<10} {r['batch_size']:>6} {r['status']}: {r['error']}")
+            continue
+        ratio = r["vs_vanilla"] or {}
+        time_ratio = f"{ratio['step_time']:.2f}x" if ratio else "-"
+        memory_ratio = f"{ratio['peak_memory']:.2f}x" if ratio else "-"
+        lines.append(
+            f"{r['mode']:<10} {r['batch_size']:>6} {r['median_step_s']:>10.4f} {r['images_per_s']:>10.1f} "
+            f"{r['memory']['peak_bytes'] / GIB:>8.3f} GiB {time_ratio:>13} {memory_ratio:>15}"
+        )
+    for mode, found in max_batch.items():
+        lines.append(f"largest physical batch that fits, {mode}: {found['batch_size']}")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Bars of step time and peak memory per batch size, one bar per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in records if r["status"] == "ok"]
+    modes = list(dict.fromkeys(r["mode"] for r in measured))
+    batches = sorted({r["batch_size"] for r in measured})
+    width = 0.8 / max(len(modes), 1)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    quantities = (("median_step_s", 1.0, "median step time (s)"), ("peak_bytes", GIB, "peak memory (GiB)"))
+    for axis, (key, unit, label) in zip(axes, quantities):
+        for i, mode in enumerate(modes):
+            for j, batch in enumerate(batches):
+                found = [r for r in measured if r["mode"] == mode and r["batch_size"] == batch]
+                if not found:
+                    continue
+                record = found[0]
+                value = (record["memory"] if key == "peak_bytes" else record)[key] / unit
+                bars = axis.bar(j + i * width, value, width, color=f"C{i}", label=mode if j == 0 else None)
+                if record["vs_vanilla"]:
+                    ratio = record["vs_vanilla"]["peak_memory" if key == "peak_bytes" else "step_time"]
+                    axis.bar_label(bars, labels=[f"{ratio:.2f}x"], fontsize=8)
+        axis.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(batches))], [str(b) for b in batches])
+        axis.set_xlabel("physical batch size (labels: ratio to vanilla)")
+        axis.set_ylabel(label)
+    axes[0].legend()
+    device = measured[0]["device"] if measured else {}
+    figure.suptitle(f"DP training step by clipping mode ({device.get('name', device.get('type', ''))})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_profile(cfg: DictConfig) -> dict[str, Any]:
+    """Measure every (mode, batch size), optionally each mode's largest batch; write
+    `profile.json` and `profile.png`; return the results."""
+    check_profile_settings(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    profile = cfg.profile
+    records = [
+        in_fresh_process(config, mode, batch_size, profile.warmup, profile.num_iter)
+        for batch_size in profile.batch_sizes
+        for mode in profile.modes
+    ]
+    add_ratios(records)
+    max_batch = {mode: find_max_batch(config, mode) for mode in profile.modes} if profile.find_max_batch else {}
+    output = Path(cfg.paths.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results = {"records": records, "max_batch": max_batch, "table": format_table(records, max_batch)}
+    (output / "profile.json").write_text(json.dumps(results, indent=2))
+    plot(records, output / "profile.png")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="profile")
+def main(cfg: DictConfig) -> None:
+    try:
+        results = run_profile(cfg)
+    except ConfigError as error:
+        sys.exit(f"dpdit: {error}")
+    print(results["table"])
+    print(f"written: {Path(cfg.paths.output_dir) / 'profile.json'}, {Path(cfg.paths.output_dir) / 'profile.png'}")
+
+
+if __name__ == "__main__":
+    main()
