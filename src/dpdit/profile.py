@@ -210,10 +210,10 @@ def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num
     timer = StepTimer(warmup)
     try:
         trainer = run_steps(cfg, module, batch, warmup + num_iter, [timer])
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not is_out_of_memory(error):
-            raise
-        return {**record, "status": "out_of_memory", "error": str(error).splitlines()[0]}
+    except Exception as error:  # a mode that fails (e.g. a layer ghost clipping cannot take) must not stop the others
+        first_line = (str(error).splitlines() or [""])[0]
+        status = "out_of_memory" if is_out_of_memory(error) else "error"
+        return {**record, "status": status, "error": f"{type(error).__name__}: {first_line}"}
     peak = timer.peak
     on_gpu = peak["cuda_max_allocated_bytes"] is not None
     training_peak = peak["cuda_max_allocated_bytes"] if on_gpu else peak["rss_peak_bytes"] - rss_before_model
