@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dpdit.models import PretrainedDiT
 from dpdit.models.pretrained import FINETUNE
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private
+from dpdit.profile import VANILLA
 from dpdit.train import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -52,7 +53,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GHOST_NORM = "ghost norm"
 HOOK = "per-sample gradient (hook)"
 FUNCTORCH = "per-sample gradient (functorch)"
-VANILLA = "vanilla"
 
 # A block's parts by the names of its submodules: dpdit's DiT, then diffusers' DiT.
 BLOCK_EMBEDDERS = "norm1.emb"
