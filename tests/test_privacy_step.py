@@ -12,6 +12,7 @@ import torch
 from dpdit.models import DiT
 from dpdit.module import DiffusionModule
 from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, NonPrivateTraining, PrivacyConfig
+from dpdit.profile import RepeatedBatch
 
 BATCH = 6
 
@@ -49,19 +50,6 @@ def batch(size=BATCH, seed=1):
     return images, labels
 
 
-class Repeat:
-    """A loader that yields the same batch `times` times."""
-
-    def __init__(self, item, times):
-        self.item, self.times = item, times
-
-    def __iter__(self):
-        return iter([self.item] * self.times)
-
-    def __len__(self):
-        return self.times
-
-
 def run_step(privacy, physical_batch_size, loss=FixedLoss(), data=None, model=None, steps=1, precision="64-true", **trainer_options):
     """`steps` training steps through Lightning; returns (module, minus the update)."""
     model = model or tiny_model()
@@ -85,7 +73,7 @@ def run_step(privacy, physical_batch_size, loss=FixedLoss(), data=None, model=No
         use_distributed_sampler=False,
         **trainer_options,
     )
-    trainer.fit(module, train_dataloaders=Repeat(data or batch(), steps))
+    trainer.fit(module, train_dataloaders=RepeatedBatch(data or batch(), steps))
     return module, [b - p.detach() for b, p in zip(before, model.parameters())]
 
 

@@ -36,7 +36,6 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
 
 from dpdit.module import DiffusionModule
 from dpdit.privacy import (
@@ -152,17 +151,17 @@ def build(cfg: DictConfig, mode: str, batch_size: int) -> tuple[DiffusionModule,
     return module, (images, labels)
 
 
-class RepeatedBatch(Dataset):
-    """The same batch, `steps` times."""
+class RepeatedBatch:
+    """A loader that yields the same batch `steps` times."""
 
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int):
+    def __init__(self, batch, steps: int):
         self.batch, self.steps = batch, steps
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
 
     def __len__(self) -> int:
         return self.steps
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batch
 
 
 def run_steps(cfg: DictConfig, module: DiffusionModule, batch, steps: int, callbacks: list) -> L.Trainer:
@@ -179,8 +178,7 @@ def run_steps(cfg: DictConfig, module: DiffusionModule, batch, steps: int, callb
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    # batch_size=None: the loader hands out the ready-made batch as it is
-    trainer.fit(module, train_dataloaders=DataLoader(RepeatedBatch(batch, steps), batch_size=None))
+    trainer.fit(module, train_dataloaders=RepeatedBatch(batch, steps))
     return trainer
 
 
