@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from dpdit.diffusion import GaussianDiffusion
 from dpdit.distributed import check_replicas_identical
-from dpdit.privacy import DPSGDTraining, NonPrivateTraining, full_precision
+from dpdit.privacy import DPSGDTraining, NonPrivateTraining, full_precision, mean_over_draws
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -40,7 +40,9 @@ class DiffusionModule(L.LightningModule):
 
     Each training step receives one logical batch and runs it as micro-batches of at most
     `physical_batch_size` images; the optimizer steps once per logical batch, so
-    `trainer.max_steps` counts noisy (logical) steps. The EMA copy is post-processing of
+    `trainer.max_steps` counts noisy (logical) steps. With the privacy's noise multiplicity
+    K, each image is K rows of the forward pass (own timestep, noise and label dropout) and
+    its loss is their mean. The EMA copy is post-processing of
     the private weights and costs no privacy; samples are drawn from it.
 
     Each step reseeds the random generators from (seed, rank, step), so a run resumed from
@@ -87,8 +89,11 @@ class DiffusionModule(L.LightningModule):
             labels = labels.new_full((1,), self.model.null_class)
         chunks = list(zip(images.split(self.physical_batch_size), labels.split(self.physical_batch_size)))
         loss_sum = torch.zeros((), device=images.device)
+        draws = self.privacy.noise_multiplicity
         for index, (x, y) in enumerate(chunks):
-            loss_per_sample = weight * self.diffusion.training_losses(self.model, x, y)
+            if draws > 1:
+                x, y = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)
+            loss_per_sample = weight * mean_over_draws(self.diffusion.training_losses(self.model, x, y), draws)
             self.privacy.backward(self, loss_per_sample)
             loss_sum += loss_per_sample.detach().sum()
             if index < len(chunks) - 1:

@@ -10,6 +10,16 @@ With several ranks, each holds its share of the global batch and clips it; Opacu
 distributed optimizers add the noise on rank 0 only and sum the ranks' gradients, so the
 global update is (sum of all clipped gradients + one N(0, sigma^2 C^2) draw) / (q N), the
 single-process update.
+
+Noise multiplicity (DPDM, Dockhorn et al. 2023): with `noise_multiplicity=K`, each image
+enters the forward pass as K rows, each with its own timestep and noise, and its loss is
+the mean over its rows. Opacus sees K rows per image, so its per-row results are gathered
+into one per image before clipping: in `hooks` and `functorch` mode the per-row gradients
+(Opacus' public `grad_sample`) are averaged over each image's rows after the backward pass;
+in `ghost` mode this training's copies of Opacus' norm samplers fold each image's rows into
+one sequence, whose gradient is the sum over the rows (layers without a norm sampler get one
+that averages their per-row gradients). Either way the mean gradient over the K
+draws is clipped once, and the sensitivity, and with it the accounting, is that of K=1.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import numpy as np
 import torch
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -199,9 +210,10 @@ class PrivacyConfig:
             raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0 (or null to calibrate)")
         if self.init_data not in INIT_DATA:
             raise ValueError(f"privacy.init_data={self.init_data!r} is unknown: choose one of {', '.join(INIT_DATA)}")
-        if self.noise_multiplicity != 1:
+        if not isinstance(self.noise_multiplicity, int) or self.noise_multiplicity < 1:
             raise ValueError(
-                f"privacy.noise_multiplicity={self.noise_multiplicity} is not supported yet; use 1"
+                f"privacy.noise_multiplicity={self.noise_multiplicity} must be a whole number >= 1: the "
+                "noise draws averaged per image before clipping (1: one draw, plain DP-SGD)"
             )
 
 
@@ -249,6 +261,39 @@ def in_float32(sampler):
     return compute
 
 
+def mean_over_draws(per_row: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per-row values [n * draws, ...], each image's `draws` rows consecutive, to per-image means [n, ...]."""
+    return per_row.unflatten(0, (-1, draws)).mean(dim=1)
+
+
+def per_image_norm_sampler(sampler, draws: int):
+    """An Opacus ghost norm sampler whose norms are per image. Each image's `draws` rows
+    become one sequence ([n * draws, ..., d] to [n, draws x ..., d]; token ids [n, draws x ...]),
+    on which a Linear's or Embedding's per-sample gradient is the sum of the rows' gradients;
+    the norm of their mean is that norm / draws."""
+
+    def fold(x: torch.Tensor) -> torch.Tensor:
+        images = x.shape[0] // draws
+        return x.reshape(images, -1, x.shape[-1]) if x.is_floating_point() else x.reshape(images, -1)
+
+    def compute(module, activations, backprops):
+        norms = sampler(module, [fold(a) for a in activations], fold(backprops))
+        return {parameter: norm / draws for parameter, norm in norms.items()}
+
+    return compute
+
+
+def norm_of_mean_gradient_sampler(grad_sampler, draws: int):
+    """A ghost norm sampler for a layer without one: the norm of the mean of each image's
+    `draws` per-row gradients, from Opacus' grad sampler for the layer."""
+
+    def compute(module, activations, backprops):
+        grads = grad_sampler(module, activations, backprops)
+        return {parameter: mean_over_draws(grad, draws).flatten(1).norm(dim=1) for parameter, grad in grads.items()}
+
+    return compute
+
+
 def check_model_is_private(model: torch.nn.Module, clipping: str) -> None:
     """Fail before training if Opacus cannot compute per-sample gradients of `model`."""
     errors = ModuleValidator.validate(model, strict=False)
@@ -283,6 +328,8 @@ class NonPrivateTraining:
         # Sum over the micro-batch (and, at the step, over ranks), mean over the logical
         # batch, whose size is fixed without Poisson sampling: micro-batches add up.
         module.manual_backward(loss_per_sample.sum() / self.batch_size)
+
+    noise_multiplicity = 1
 
     def end_micro_batch(self) -> None:
         """Gradients simply accumulate in `.grad` until the optimizer steps."""
@@ -361,6 +408,8 @@ class DPSGDTraining:
             **(ghost if self.config.clipping == "ghost" else {}),
         )
         self.hooks.GRAD_SAMPLERS = {layer: in_float32(f) for layer, f in self.hooks.GRAD_SAMPLERS.items()}
+        if self.config.clipping == "ghost" and self.noise_multiplicity > 1:
+            self._gather_ghost_draws(model)
         optimizer_class = get_optimizer_class(
             clipping="flat", distributed=world_size > 1, grad_sample_mode=self.config.clipping
         )
@@ -376,6 +425,22 @@ class DPSGDTraining:
         )
         self.optimizer.attach_step_hook(self._account_step)
         return self.optimizer
+
+    @property
+    def noise_multiplicity(self) -> int:
+        return self.config.noise_multiplicity
+
+    def _gather_ghost_draws(self, model: torch.nn.Module) -> None:
+        """Ghost clipping with K draws: this training's own norm samplers, per image. A layer
+        type without a norm sampler gets one from its per-row gradients (Opacus' grad sampler,
+        or functorch), which Opacus would otherwise turn into per-row norms."""
+        draws = self.noise_multiplicity
+        samplers = {layer: per_image_norm_sampler(f, draws) for layer, f in self.hooks.NORM_SAMPLERS.items()}
+        for layer in {type(m) for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}:
+            if layer not in samplers:
+                grad_sampler = self.hooks.GRAD_SAMPLERS.get(layer, ft_compute_per_sample_gradient)
+                samplers[layer] = norm_of_mean_gradient_sampler(grad_sampler, draws)
+        self.hooks.NORM_SAMPLERS = samplers
 
     def _noise_generator(self, device: torch.device) -> torch.Generator | None:
         """None: the noise comes from the training's seeded generator (reproducible, and
@@ -424,6 +489,9 @@ class DPSGDTraining:
             norms = self.hooks.per_sample_gradient_norms
         else:
             module.manual_backward(loss_per_sample.mean())
+            if self.noise_multiplicity > 1:
+                for parameter in self.optimizer.params:
+                    parameter.grad_sample = mean_over_draws(parameter.grad_sample, self.noise_multiplicity)
             # Opacus computes these norms again when it clips; it does not keep them.
             norms = torch.stack([g.flatten(1).norm(dim=1) for g in self.optimizer.grad_samples], dim=1).norm(dim=1)
         self._gradient_norms.append(norms.detach())

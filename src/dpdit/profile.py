@@ -115,7 +115,7 @@ class StepTimer(L.Callback):
 
 def training_for(mode: str, profile: DictConfig, privacy: DictConfig, batch_size: int) -> DPSGDTraining | NonPrivateTraining:
     """The step's privacy machinery for `mode`: a DP step of expected batch `batch_size` with
-    the configured clipping bound, or the non-private step."""
+    the configured clipping bound and noise multiplicity, or the non-private step (one draw)."""
     if mode == VANILLA:
         return NonPrivateTraining(batch_size)
     sigma = 1.0 if profile.noise_multiplier is None else float(profile.noise_multiplier)
@@ -124,6 +124,7 @@ def training_for(mode: str, profile: DictConfig, privacy: DictConfig, batch_size
         max_grad_norm=privacy.max_grad_norm,
         noise_multiplier=sigma,
         target_epsilon=None,
+        noise_multiplicity=privacy.noise_multiplicity,
         secure_mode=privacy.secure_mode,
     )
     # sample rate 1: every step's batch is the whole (synthetic) dataset of batch_size images
