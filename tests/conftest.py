@@ -25,10 +25,10 @@ FAST = [
 def make_config(tmp_path):
     """Compose the real training config with overrides, writing into tmp_path/<name>."""
 
-    def make(*overrides: str, name: str = "run", fast: bool = True):
+    def make(*overrides: str, name: str = "run", fast: bool = True, config_name: str = "train"):
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
             return compose(
-                config_name="train",
+                config_name=config_name,
                 overrides=[*(FAST if fast else []), f"paths.output_dir={tmp_path / name}", *overrides],
             )
 

@@ -9,8 +9,8 @@ import torch
 from dpdit.privacy import epsilon_by_accountant, epsilon_of, steps_within_budget
 from dpdit.train import ConfigError, train
 
-Q = 64 / 1797
-# sigma 0.6 at q = 64/1797 spends 4.1 in one step, 4.8 in 3, 5.2 in 5 (RDP, delta 1e-5)
+Q = 64 / 1497
+# sigma 0.6 at q = 64/1497 spends 4.1 in one step, 4.8 in 3, 5.2 in 5 (RDP, delta 1e-5)
 SIGMA = "privacy.noise_multiplier=0.6"
 
 
@@ -68,9 +68,9 @@ def test_larger_batch_on_resume_stops_earlier(make_config, tmp_path):
             f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}", name="second",
         )
     )
-    assert resumed["history"] == [[0.6, Q, 2], [0.6, 128 / 1797, 1]]
+    assert resumed["history"] == [[0.6, Q, 2], [0.6, 128 / 1497, 1]]
     history = [tuple(h) for h in resumed["history"]]
-    assert resumed["epsilon"] <= target < epsilon_of([*history, (0.6, 128 / 1797, 1)], 1e-5, "rdp")
+    assert resumed["epsilon"] <= target < epsilon_of([*history, (0.6, 128 / 1497, 1)], 1e-5, "rdp")
 
 
 def test_budget_stop_resumed_equals_uninterrupted(make_config, tmp_path):

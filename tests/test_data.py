@@ -8,20 +8,28 @@ from dpdit.data import ImageDataModule, LogicalBatchSampler, build_dataset
 
 def test_digits_are_the_real_bundled_images_in_unit_range():
     dataset = build_dataset("digits", None, image_size=8, channels=1, num_classes=10)
-    assert len(dataset) == 1797
+    assert len(dataset) == 1497
     image, label = dataset[0]
-    assert image.shape == (1, 8, 8) and -1.0 <= image.min() and image.max() <= 1.0 and int(label) == 0
+    assert image.shape == (1, 8, 8) and -1.0 <= image.min() and image.max() <= 1.0 and int(label) == 1
     upsampled, _ = build_dataset("digits", None, image_size=16, channels=1, num_classes=10)[0]
     assert upsampled.shape == (1, 16, 16)
 
 
+def test_digits_test_split_is_held_out_and_covers_every_class():
+    train = build_dataset("digits", None, image_size=8, channels=1, num_classes=10).tensors[0]
+    test, labels = build_dataset("digits", None, image_size=8, channels=1, num_classes=10, split="test").tensors
+    assert len(test) == 300 and set(labels.tolist()) == set(range(10)) and min(labels.bincount()) >= 25
+    # no test image is among the training images
+    assert torch.cdist(test.flatten(1), train.flatten(1)).min(dim=1).values.gt(0).float().mean() > 0.98
+
+
 def test_poisson_batches_have_the_configured_expected_size():
     data = ImageDataModule(dataset="digits", batch_size=900, physical_batch_size=900)
-    assert data.sample_rate == pytest.approx(900 / 1797)
+    assert data.sample_rate == pytest.approx(900 / 1497)
     torch.manual_seed(0)
     loader = data.train_dataloader()
     sizes = [len(labels) for _ in range(10) for _, labels in loader]
-    assert abs(np.mean(sizes) - 900) < 4 * np.sqrt(1797 * 0.5 * 0.5 / len(sizes))
+    assert abs(np.mean(sizes) - 900) < 4 * np.sqrt(1497 * 0.5 * 0.5 / len(sizes))
     assert len(set(sizes)) > 1  # Poisson, not fixed-size batches
 
 

@@ -16,6 +16,7 @@ from dpdit.data import build_dataset
 from dpdit.export import ema_state, export_run
 from dpdit.export import main as export_main
 from dpdit.models import FrozenVAE, PretrainedDiT
+from dpdit.sample import run_sampling
 from dpdit.train import ConfigError, setup, train
 
 BATCH = 6
@@ -143,10 +144,10 @@ def run_overrides(hub, cache, *extra):
 
 @pytest.mark.parametrize("clipping", ["hooks", "ghost"])
 def test_train_fine_tunes_and_exports_a_dit_pipeline(make_config, tiny_pipeline, tmp_path, clipping):
-    cfg = make_config(*run_overrides(tiny_pipeline, tmp_path / "latents", f"privacy.clipping={clipping}", "model.finetune=attention"), fast=False)
-    report = train(cfg)
+    extra = [f"privacy.clipping={clipping}", "model.finetune=attention", "privacy.noise_multiplicity=2"]
+    report = train(make_config(*run_overrides(tiny_pipeline, tmp_path / "latents", *extra), fast=False))
     run = tmp_path / "run"
-    assert report["steps"] == 2 and report["clipping"] == clipping
+    assert report["steps"] == 2 and report["clipping"] == clipping and report["noise_multiplicity"] == 2
     written = json.loads((run / "privacy_report.json").read_text())
     assert 0 < written["trainable_parameters"] < written["total_parameters"]
     samples = np.load(run / "samples.npz")
@@ -161,6 +162,12 @@ def test_train_fine_tunes_and_exports_a_dit_pipeline(make_config, tiny_pipeline,
     ema = ema_state(run / "checkpoints" / "last.ckpt")
     for name, tensor in pipeline.transformer.state_dict().items():
         torch.testing.assert_close(tensor, ema[f"transformer.{name}"])
+
+    # the sampling command rebuilds the fine-tuned model from the checkpoint alone
+    sampled = run_sampling(
+        make_config(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "sample.num_images=3", "sample.steps=2", name="sampled", config_name="sample")
+    )
+    assert sampled["images"].shape == (3, 3, 16, 16) and sampled["labels"].tolist() == [0, 1, 2]
 
 
 def test_latent_cache_is_written_once_and_reused(make_config, tiny_pipeline, tmp_path, monkeypatch):

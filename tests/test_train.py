@@ -36,11 +36,11 @@ def test_short_run_writes_every_output(make_config, tmp_path, clipping):
     report = json.loads((out / "privacy_report.json").read_text())
     assert REPORT_KEYS <= report.keys()
     assert report["enabled"] and report["steps"] == 2 and report["clipping"] == clipping
-    assert report["sample_rate"] == pytest.approx(64 / 1797)
-    assert report["dataset_size"] == 1797 and report["expected_batch_size"] == pytest.approx(64)
+    assert report["sample_rate"] == pytest.approx(64 / 1497)
+    assert report["dataset_size"] == 1497 and report["expected_batch_size"] == pytest.approx(64)
     assert 0 < report["epsilon"] <= 10.0
     assert report["epsilon"] == pytest.approx(
-        epsilon_of([(report["noise_multiplier"], 64 / 1797, 2)], 1e-5, "rdp"), rel=1e-9
+        epsilon_of([(report["noise_multiplier"], 64 / 1497, 2)], 1e-5, "rdp"), rel=1e-9
     )
 
     samples = np.load(out / "samples.npz")
@@ -49,7 +49,7 @@ def test_short_run_writes_every_output(make_config, tmp_path, clipping):
     assert (out / "samples.png").stat().st_size > 0
 
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["privacy"]["history"] == [(report["noise_multiplier"], 64 / 1797, 2)]
+    assert checkpoint["privacy"]["history"] == [(report["noise_multiplier"], 64 / 1497, 2)]
     assert any(key.startswith("ema.") for key in checkpoint["state_dict"])
     assert (out / "csv" / "version_0" / "metrics.csv").read_text().count("privacy/epsilon") == 1
 

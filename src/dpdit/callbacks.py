@@ -7,15 +7,14 @@ import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 
 from dpdit.cluster import Requeued
 from dpdit.export import export_pipeline, exportable
-from dpdit.images import save_grid, to_uint8
 from dpdit.metrics import class_consistency
+from dpdit.sample import generate, save_samples
 
 
 def _json_number(value):
@@ -96,29 +95,18 @@ class SampleImages(L.Callback):
         self.batch_size = batch_size
         self.grid_per_class = grid_per_class
 
-    @torch.no_grad()
-    def generate(self, pl_module: L.LightningModule, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        model = pl_module.ema.module.eval()
-        labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.num_per_class)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = []
-        for chunk in labels.split(self.batch_size):
-            sample = pl_module.diffusion.sample(model, chunk, self.guidance_scale, self.steps, self.scheduler, generator)
-            images.append(sample if model.vae is None else model.vae.decode(sample))
-        return to_uint8(torch.cat(images)), labels.cpu().numpy()
-
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         # the data's classes: an audited model also has a class per canary
         num_classes = trainer.datamodule.num_classes
-        images, labels = self.generate(pl_module, num_classes)
-        np.savez_compressed(self.output_dir / "samples.npz", images=images, labels=labels)
-        grid = save_grid(
-            images.reshape(-1, self.num_per_class, *images.shape[1:])[:, : self.grid_per_class].reshape(-1, *images.shape[1:]),
-            self.output_dir / "samples.png",
-            rows=num_classes,
+        labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.num_per_class)
+        images = generate(
+            pl_module.ema.module, pl_module.diffusion, labels, self.guidance_scale, self.steps,
+            self.scheduler, self.seed, self.batch_size, progress=False,
         )
+        labels = labels.cpu().numpy()
+        grid = save_samples(images, labels, self.output_dir, num_classes, self.grid_per_class)
         metrics = {}
         if getattr(trainer.datamodule, "dataset", None) == "digits":
             metrics["class_consistency"] = class_consistency(images, labels)

@@ -23,11 +23,20 @@ DATASETS = ("digits", "mnist", "cifar10", "imagefolder", "fake")
 DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3}
 
 
-def load_digits_tensors(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled handwritten digits: 1,797 8x8 images (0..16) as [-1, 1] tensors."""
+SPLITS = ("train", "test")
+# Every sixth of scikit-learn's 1,797 digits is held out as the test split (300 images, about
+# 30 per class): training sees the other 1,497, downstream accuracy is measured on these.
+DIGITS_TEST_EVERY = 6
+
+
+def load_digits_tensors(image_size: int = 8, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """A split of scikit-learn's bundled handwritten digits (8x8, 0..16) as [-1, 1] tensors."""
     from sklearn.datasets import load_digits
 
     images, labels = load_digits(return_X_y=True)
+    held_out = np.arange(len(labels)) % DIGITS_TEST_EVERY == 0
+    keep = held_out if split == "test" else ~held_out
+    images, labels = images[keep], labels[keep]
     x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0 * 2.0 - 1.0
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -62,12 +71,17 @@ def build_dataset(
     hflip: bool = False,
     download: bool = False,
     size: int = 256,
+    split: str = "train",
+    test_root: str | None = None,
 ) -> Dataset:
-    """The training split of dataset `name` as (image in [-1, 1], label) pairs."""
+    """Split `split` (train | test) of dataset `name` as (image in [-1, 1], label) pairs.
+    An image folder's test split is the folder `test_root`, laid out like `root`."""
     if name not in DATASETS:
         raise ValueError(f"data.dataset={name!r} is unknown: choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is unknown: choose one of {', '.join(SPLITS)}")
     if name == "digits":
-        return TensorDataset(*load_digits_tensors(image_size))
+        return TensorDataset(*load_digits_tensors(image_size, split))
     if name == "fake":
         return datasets.FakeData(
             size=size,
@@ -76,12 +90,17 @@ def build_dataset(
             transform=transforms.Compose(
                 [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
             ),
-            random_offset=0,
+            # a different image stream for the test split
+            random_offset=0 if split == "train" else size,
         )
     if root is None:
         raise ValueError(f"data={name} needs data.root=/path/to/the/dataset")
-    transform = _image_transform(image_size, channels, hflip)
+    transform = _image_transform(image_size, channels, hflip and split == "train")
     if name == "imagefolder":
+        if split == "test":
+            if test_root is None:
+                raise ValueError("data=imagefolder has no test split: set data.test_root=/path/to/test/images (one subfolder per class, as data.root)")
+            root = test_root
         if not Path(root).is_dir():
             raise FileNotFoundError(
                 f"data.root={root!r} is not a directory: data=imagefolder expects one "
@@ -96,7 +115,7 @@ def build_dataset(
         return folder
     dataset_class = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
     try:
-        return dataset_class(root, train=True, download=download, transform=transform)
+        return dataset_class(root, train=split == "train", download=download, transform=transform)
     except RuntimeError as error:
         if download:
             raise
@@ -186,6 +205,7 @@ class ImageDataModule(L.LightningDataModule):
         noise_schedule_end: float = 0.02,
         vae: FrozenVAE | None = None,
         latent_cache_dir: str | None = None,
+        test_root: str | None = None,
     ):
         super().__init__()
         self.dataset = dataset
@@ -203,6 +223,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.noise_schedule_end = noise_schedule_end
         self.vae = vae
+        self.test_root = test_root
         self.latent_cache_dir = latent_cache_dir or (f"{Path(root).expanduser()}.latents" if root else "data/latents")
         self.train_dataset: Dataset | None = None
 
@@ -231,6 +252,13 @@ class ImageDataModule(L.LightningDataModule):
             describe_images(images, settings),
             flips=self.hflip,
             batch_size=self.physical_batch_size,
+        )
+
+    def images(self, split: str) -> Dataset:
+        """A split's images in pixel space, unflipped: the real data that samples are compared with."""
+        return build_dataset(
+            self.dataset, self.root, self.image_size, self.channels, self.num_classes,
+            download=self.download, size=self.size, split=split, test_root=self.test_root,
         )
 
     @property

@@ -13,7 +13,7 @@ from dpdit.data import load_digits_tensors
 
 
 def digits_classifier() -> LogisticRegression:
-    """Logistic regression on all 1,797 real 8x8 digits in [-1, 1]."""
+    """Logistic regression on the 1,497 real 8x8 training digits in [-1, 1]."""
     images, labels = load_digits_tensors(8)
     return LogisticRegression(max_iter=2000).fit(images.flatten(1).numpy(), labels.numpy())
 

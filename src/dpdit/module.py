@@ -58,6 +58,7 @@ class DiffusionModule(L.LightningModule):
         physical_batch_size: int,
         ema_decay: float = 0.999,
         seed: int = 0,
+        config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -70,6 +71,8 @@ class DiffusionModule(L.LightningModule):
         self.privacy = privacy
         self.physical_batch_size = physical_batch_size
         self.seed = seed
+        # the resolved run configuration, saved in checkpoints so that they rebuild their model
+        self.config = config
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -148,6 +151,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["privacy"] = self.privacy.state_dict()
+        if self.config is not None:
+            checkpoint["config"] = self.config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.privacy.load_state_dict(checkpoint.get("privacy", {"enabled": False}))

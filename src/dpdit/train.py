@@ -49,17 +49,17 @@ def privacy_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint.get("privacy", {"enabled": False})
 
 
-def initialise_from(model: torch.nn.Module, checkpoint: dict[str, Any], path: str) -> None:
+def initialise_from(model: torch.nn.Module, checkpoint: dict[str, Any], path: str, setting: str = "init_ckpt_path") -> None:
     """Load the EMA weights of an earlier run (the weights its samples came from)."""
     prefix = "ema.module."
     weights = {key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
     if not weights:
-        raise ValueError(f"init_ckpt_path={path} holds no EMA weights: give a checkpoint written by train.py")
+        raise ValueError(f"{setting}={path} holds no EMA weights: give a checkpoint written by train.py")
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise ValueError(
-            f"init_ckpt_path={path} does not fit this model ({str(error).splitlines()[0]}): "
+            f"{setting}={path} does not fit this model ({str(error).splitlines()[0]}): "
             "set model=... and its sizes as in the run that wrote it"
         ) from error
 
@@ -215,6 +215,7 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     if privacy.enabled:
         check_model_is_private(model, privacy_config.clipping)
 
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     module = DiffusionModule(
         model=model,
         diffusion=instantiate(cfg.diffusion),
@@ -223,11 +224,11 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
         physical_batch_size=datamodule.physical_batch_size,
         ema_decay=cfg.ema_decay,
         seed=cfg.seed,
+        config=resolved,
     )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = make_trainer(cfg.trainer, callbacks, loggers)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     if trainer.is_global_zero:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(resolved, Path(cfg.paths.output_dir) / "config_resolved.yaml")
