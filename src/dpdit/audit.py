@@ -242,7 +242,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "audit_report.json").write_text(json.dumps(report, indent=2))
-    finish_wandb_runs(trainer)
+    finish_wandb_runs(trainer.loggers)
     return report
 
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from dpdit.images import to_uint8
 from dpdit.sample import pick_device, run_sampling
-from dpdit.train import ConfigError
+from dpdit.train import ConfigError, finish_wandb_runs
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "precision_recall", "downstream")
@@ -234,25 +234,30 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         check_settings(settings)
         device = pick_device(cfg.sample.device)
         data = instantiate(cfg.data, poisson_sampling=False, seed=cfg.seed)
-        test = dataset_arrays(data.images("test")) if "downstream" in settings.metrics else None
-        reference = dataset_arrays(data.images(settings.fid_reference)) if {"fid", "precision_recall"} & set(settings.metrics) else None
-        extractor = inception(settings.inception_weights) if reference is not None else None
+        needs_features = bool({"fid", "precision_recall"} & set(settings.metrics))
+        splits = {"test"} if "downstream" in settings.metrics else set()
+        splits |= {settings.fid_reference} if needs_features else set()
+        # each split read once, also when FID compares with the test split
+        real = {split: dataset_arrays(data.images(split)) for split in splits}
+        test = real["test"] if "downstream" in settings.metrics else None
+        reference = real[settings.fid_reference] if needs_features else None
+        extractor = inception(settings.inception_weights) if needs_features else None
         synthetic = synthetic_images(cfg)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
-    real_shape = (test or reference)[0].shape[1:]
+    real_shape = next(iter(real.values()))[0].shape[1:]
     if synthetic[0].shape[1:] != real_shape:
         raise ConfigError(f"the samples have shape {synthetic[0].shape[1:]} (C, H, W) but data={data.dataset} gives {real_shape}: evaluate against the data the model was trained on")
 
     results: dict[str, Any] = {"samples": len(synthetic[0]), "data": data.dataset}
     if extractor is not None:
         fake = features(extractor, synthetic[0], settings.batch_size, device, "inception: samples")
-        real = features(extractor, reference[0], settings.batch_size, device, f"inception: real {settings.fid_reference}")
-        results["fid_reference"] = {"split": settings.fid_reference, "images": len(real)}
+        true = features(extractor, reference[0], settings.batch_size, device, f"inception: real {settings.fid_reference}")
+        results["fid_reference"] = {"split": settings.fid_reference, "images": len(true)}
         if "fid" in settings.metrics:
-            results["fid"] = frechet_distance(fake, real)
+            results["fid"] = frechet_distance(fake, true)
         if "precision_recall" in settings.metrics:
-            results.update(precision_recall(fake[: settings.prc_images], real[: settings.prc_images]))
+            results.update(precision_recall(fake[: settings.prc_images], true[: settings.prc_images]))
     if test is not None:
         results["downstream"] = downstream_accuracy(synthetic, test, data.num_classes, settings.downstream, device)
 
@@ -276,8 +281,7 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         logger.log_metrics(flat_metrics(results))
         logger.finalize("success")
-        if hasattr(logger.experiment, "finish"):
-            logger.experiment.finish()
+        finish_wandb_runs([logger])
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="evaluate")

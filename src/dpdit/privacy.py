@@ -315,6 +315,7 @@ class NonPrivateTraining:
     """`privacy=none`: the same micro-batched step without clipping, noise or accounting."""
 
     enabled = False
+    noise_multiplicity = 1  # one noise draw per image
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
@@ -328,8 +329,6 @@ class NonPrivateTraining:
         # Sum over the micro-batch (and, at the step, over ranks), mean over the logical
         # batch, whose size is fixed without Poisson sampling: micro-batches add up.
         module.manual_backward(loss_per_sample.sum() / self.batch_size)
-
-    noise_multiplicity = 1
 
     def end_micro_batch(self) -> None:
         """Gradients simply accumulate in `.grad` until the optimizer steps."""

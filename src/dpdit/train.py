@@ -237,10 +237,10 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     return trainer, module, datamodule
 
 
-def finish_wandb_runs(trainer: L.Trainer) -> None:
-    """End the W&B runs of this training: a W&B run left open in the process would take in
-    the next training's logs (Hydra sweeps run their jobs in one process)."""
-    for logger in trainer.loggers:
+def finish_wandb_runs(loggers: list) -> None:
+    """End the W&B runs of these loggers: a W&B run left open in the process would take in
+    the next job's logs (Hydra sweeps run their jobs in one process)."""
+    for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
 
@@ -249,5 +249,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the privacy report."""
     trainer, module, datamodule = setup(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    finish_wandb_runs(trainer)
+    finish_wandb_runs(trainer.loggers)
     return module.privacy.report()
