@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, PrivacyConfig
+from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, PrivacyConfig, gram_matrices_outweigh_gradient
 from test_pretrained import latent_batch, pretrained
 from test_privacy_step import BATCH, batch, norm, run_step, tiny_model
 
@@ -133,20 +133,37 @@ class Scale(nn.Module):
         return x * self.weight
 
 
+def check_ghost_norms_with_draws(model, rows, draws):
+    """Ghost clipping's norms with `draws` rows per image against autograd's norm of each
+    image's mean gradient."""
+    expected = []
+    for i in range(rows.shape[0] // draws):
+        model.zero_grad()
+        (model(rows[i * draws : (i + 1) * draws]) ** 2).flatten(1).sum(1).mean().backward()
+        expected.append(norm([p.grad for p in model.parameters()]))
+
+    privacy = dp("ghost", draws, max_grad_norm=1.0)
+    privacy.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    privacy.backward(None, (model(rows) ** 2).flatten(1).sum(1).unflatten(0, (-1, draws)).mean(1))
+    torch.testing.assert_close(privacy.take_gradient_norms(), torch.stack(expected), rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("layers", [[nn.Linear(4, 4), Scale()], [nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)]])
 def test_ghost_norms_with_draws_are_the_norms_of_each_images_mean_gradient(layers):
     """Layers with a norm sampler (Linear), with a grad sampler only (Conv2d) and with neither."""
     torch.manual_seed(0)
     draws, images = 3, 4
-    model = nn.Sequential(*layers).double()
     rows = torch.randn(images * draws, *((1, 4, 4) if isinstance(layers[0], nn.Conv2d) else (4,)), dtype=torch.float64)
-    expected = []
-    for i in range(images):
-        model.zero_grad()
-        (model(rows[i * draws : (i + 1) * draws]) ** 2).sum(1).mean().backward()
-        expected.append(norm([p.grad for p in model.parameters()]))
+    check_ghost_norms_with_draws(nn.Sequential(*layers).double(), rows, draws)
 
-    privacy = dp("ghost", draws, max_grad_norm=1.0)
-    privacy.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-    privacy.backward(None, (model(rows) ** 2).sum(1).unflatten(0, (-1, draws)).mean(1))
-    torch.testing.assert_close(privacy.take_gradient_norms(), torch.stack(expected), rtol=1e-9, atol=0)
+
+@pytest.mark.parametrize("tokens, gradient_formed", [(1, False), (4, True)])
+def test_ghost_norms_with_draws_over_sequences(tokens, gradient_formed):
+    """A Linear over a sequence: with few tokens per image its ghost norm folds the draws
+    into the Gram matrices; with more, forming the per-image gradient is cheaper. Both are
+    the norm of each image's mean gradient."""
+    torch.manual_seed(0)
+    draws, images = 3, 4
+    model = nn.Linear(8, 8).double()
+    assert gram_matrices_outweigh_gradient(model, draws * tokens) == gradient_formed
+    check_ghost_norms_with_draws(model, torch.randn(images * draws, tokens, 8, dtype=torch.float64), draws)

@@ -266,18 +266,34 @@ def mean_over_draws(per_row: torch.Tensor, draws: int) -> torch.Tensor:
     return per_row.unflatten(0, (-1, draws)).mean(dim=1)
 
 
-def per_image_norm_sampler(sampler, draws: int):
+def gram_matrices_outweigh_gradient(layer: torch.nn.Module, tokens: int) -> bool:
+    """Whether a Linear's ghost norm over `tokens` rows per sample (two tokens x tokens Gram
+    matrices, g g^T and a a^T) holds more values than its per-sample weight gradient: then
+    forming that gradient is the cheaper way to its norm (Li et al., 2022)."""
+    return 2 * tokens**2 > layer.weight.numel()
+
+
+def per_image_norm_sampler(sampler, draws: int, grad_sampler=None):
     """An Opacus ghost norm sampler whose norms are per image. Each image's `draws` rows
     become one sequence ([n * draws, ..., d] to [n, draws x ..., d]; token ids [n, draws x ...]),
     on which a Linear's or Embedding's per-sample gradient is the sum of the rows' gradients;
-    the norm of their mean is that norm / draws."""
+    the norm of their mean is that norm / draws.
+
+    Folding multiplies a Linear's sequence by `draws` and its Gram matrices by draws^2; with a
+    `grad_sampler` (the Linear's), a layer whose Gram matrices would outweigh its gradient
+    takes the norm of the per-image gradient that sampler sums over the folded sequence."""
 
     def fold(x: torch.Tensor) -> torch.Tensor:
         images = x.shape[0] // draws
         return x.reshape(images, -1, x.shape[-1]) if x.is_floating_point() else x.reshape(images, -1)
 
     def compute(module, activations, backprops):
-        norms = sampler(module, [fold(a) for a in activations], fold(backprops))
+        activations, backprops = [fold(a) for a in activations], fold(backprops)
+        if grad_sampler is not None and gram_matrices_outweigh_gradient(module, backprops.shape[1]):
+            grads = grad_sampler(module, activations, backprops)
+            norms = {parameter: grad.flatten(1).norm(dim=1) for parameter, grad in grads.items()}
+        else:
+            norms = sampler(module, activations, backprops)
         return {parameter: norm / draws for parameter, norm in norms.items()}
 
     return compute
@@ -434,7 +450,10 @@ class DPSGDTraining:
         type without a norm sampler gets one from its per-row gradients (Opacus' grad sampler,
         or functorch), which Opacus would otherwise turn into per-row norms."""
         draws = self.noise_multiplicity
-        samplers = {layer: per_image_norm_sampler(f, draws) for layer, f in self.hooks.NORM_SAMPLERS.items()}
+        samplers = {
+            layer: per_image_norm_sampler(f, draws, self.hooks.GRAD_SAMPLERS[layer] if layer is torch.nn.Linear else None)
+            for layer, f in self.hooks.NORM_SAMPLERS.items()
+        }
         for layer in {type(m) for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}:
             if layer not in samplers:
                 grad_sampler = self.hooks.GRAD_SAMPLERS.get(layer, ft_compute_per_sample_gradient)
