@@ -5,7 +5,7 @@ training) it answers: how many parameters, of which types, in which components a
 parts; whether Opacus accepts the model; which way Opacus takes to each trainable layer's
 per-sample gradient or norm in every clipping mode (and where ghost clipping would fail);
 how much memory the per-sample gradients need at the physical batch `inspect.batch_size`
-in each mode, next to the weights, gradients, Adam state and EMA copy; and the forward
+(with `privacy.noise_multiplicity` draws per image) in each mode, next to the weights, gradients, Adam state and EMA copy; and the forward
 Gflops per image. For a pretrained diffusers DiT it also shows the per-block copies of the
 conditioning embedders and what each `model.finetune` choice trains. With
 `inspect.paper_sizes=true` it reproduces the size table of Peebles & Xie (2023) from the
@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.models import PretrainedDiT
 from dpdit.models.pretrained import FINETUNE
-from dpdit.privacy import CLIPPING_MODES, check_model_is_private
+from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity, gram_matrices_outweigh_gradient
 from dpdit.profile import VANILLA
 from dpdit.train import ConfigError
 
@@ -89,6 +89,10 @@ def check_settings(cfg: DictConfig) -> None:
             f"inspect.batch_size={batch_size} must be a whole number of at least 1: the physical "
             "batch (images per backward pass) the memory estimate is for"
         )
+    try:
+        check_noise_multiplicity(cfg.privacy.noise_multiplicity)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def build_model(model_config: DictConfig) -> nn.Module:
@@ -276,23 +280,30 @@ def layer_problems(module: nn.Module, call: Call | None, ghost_path: str) -> lis
     return problems
 
 
-def ghost_bytes_per_image(module: nn.Module, call: Call | None, path: str, parameters: int, value_bytes: int) -> int:
-    """The transient memory ghost clipping needs for this layer per image, freed after its norm.
+def ghost_bytes_per_image(
+    module: nn.Module, call: Call | None, path: str, parameters: int, value_bytes: int, draws: int
+) -> int:
+    """The transient memory ghost clipping needs for this layer per image, freed after its norm,
+    with `draws` rows per image (privacy.noise_multiplicity).
 
     A Linear's norm sampler forms g g^T and a a^T over the T tokens of each image (T^2 values
-    each) for the weight and another g g^T for the bias; with a 2-D input T is 1. Other norm
-    samplers (the embedding's) sum the output gradient per row they touched, at most its
-    size. A layer without a norm sampler holds its full per-sample gradient.
+    each) for the weight and another g g^T for the bias; with a 2-D input T is 1. With K draws
+    an image's rows are one sequence of K T tokens, unless forming the per-image gradient is
+    smaller, which the training then does. Other norm samplers (the embedding's) sum the
+    output gradient per row they touched, at most its size. A layer without a norm sampler
+    holds its full per-row gradients.
     """
     if call is None:
         return 0
     if path != GHOST_NORM:
-        return parameters * value_bytes
+        return draws * parameters * value_bytes
     if get_hooks_class("ghost").NORM_SAMPLERS[type(module)] is compute_linear_norm_sample:
-        tokens = math.prod(call.input_shape[1:-1])
+        tokens = draws * math.prod(call.input_shape[1:-1])
+        if draws > 1 and gram_matrices_outweigh_gradient(module, tokens):
+            return parameters * value_bytes
         matrices = 2 * module.weight.requires_grad + (module.bias is not None and module.bias.requires_grad)
         return matrices * tokens**2 * value_bytes
-    return math.prod(call.output_shape[1:]) * value_bytes
+    return draws * math.prod(call.output_shape[1:]) * value_bytes
 
 
 @dataclass
@@ -311,7 +322,7 @@ class Layer:
     ghost_bytes_per_image: int
 
 
-def clipping_layers(layers: list[tuple[str, nn.Module]], calls: dict[str, Call]) -> list[Layer]:
+def clipping_layers(layers: list[tuple[str, nn.Module]], calls: dict[str, Call], draws: int = 1) -> list[Layer]:
     result = []
     for name, module in layers:
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -329,7 +340,7 @@ def clipping_layers(layers: list[tuple[str, nn.Module]], calls: dict[str, Call])
                 calls=call.count if call else 0,
                 paths=paths,
                 problems=layer_problems(module, call, paths["ghost"]),
-                ghost_bytes_per_image=ghost_bytes_per_image(module, call, paths["ghost"], count(trainable), value_bytes),
+                ghost_bytes_per_image=ghost_bytes_per_image(module, call, paths["ghost"], count(trainable), value_bytes, draws),
             )
         )
     return result
@@ -351,14 +362,15 @@ def collapse_blocks(layers: list[Layer], blocks_prefix: str) -> list[dict[str, A
     return list(rows.values())
 
 
-def per_sample_memory(layers: list[Layer], batch_size: int) -> dict[str, Any]:
-    """Bytes each mode holds beyond non-private training for per-sample values at `batch_size`.
+def per_sample_memory(layers: list[Layer], batch_size: int, draws: int) -> dict[str, Any]:
+    """Bytes each mode holds beyond non-private training for per-sample values at `batch_size`
+    images of `draws` rows each.
 
-    hooks and functorch keep every layer's per-sample gradient until the optimizer clips;
-    ghost keeps one norm per image and parameter tensor, plus the largest per-layer
-    transient, freed after that layer's norm.
+    hooks and functorch keep every layer's per-row gradient until the backward pass ends
+    (then the per-image means, which the optimizer clips); ghost keeps one norm per image
+    and parameter tensor, plus the largest per-layer transient, freed after that layer's norm.
     """
-    per_sample_gradients = batch_size * sum(layer.parameters * layer.value_bytes for layer in layers)
+    per_sample_gradients = batch_size * draws * sum(layer.parameters * layer.value_bytes for layer in layers)
     norms = batch_size * sum(layer.tensors * layer.value_bytes for layer in layers)
     peak = max(layers, key=lambda layer: layer.ghost_bytes_per_image)
     by_mode = {
@@ -369,6 +381,7 @@ def per_sample_memory(layers: list[Layer], batch_size: int) -> dict[str, Any]:
     }
     return {
         "batch_size": batch_size,
+        "noise_multiplicity": draws,
         "bytes": by_mode,
         "ghost_norm_bytes": norms,
         "ghost_peak_bytes": batch_size * peak.ghost_bytes_per_image,
@@ -474,7 +487,8 @@ def inspect_model(cfg: DictConfig) -> dict[str, Any]:
     names = {module: name for name, module in model.named_modules()}
     layers = opacus_layers(model)
     calls, gflops = trace(model, layers, example_inputs(model))
-    clipping = clipping_layers(layers, calls)
+    draws = cfg.privacy.noise_multiplicity
+    clipping = clipping_layers(layers, calls, draws)
     report = {
         "model": {
             "class": type(model).__name__,
@@ -490,7 +504,7 @@ def inspect_model(cfg: DictConfig) -> dict[str, Any]:
         "opacus_validator": opacus_verdict(model, cfg.privacy.clipping),
         "clipping": collapse_blocks(clipping, names[blocks]),
         "memory": {
-            **per_sample_memory(clipping, cfg.inspect.batch_size),
+            **per_sample_memory(clipping, cfg.inspect.batch_size, draws),
             "training_state": training_state_memory(model),
         },
     }
@@ -604,7 +618,8 @@ def render_clipping(rows: list[dict[str, Any]]) -> list[str]:
 
 def render_memory(memory: dict[str, Any]) -> list[str]:
     state = memory["training_state"]
-    lines = [f"Per-sample memory at physical batch {memory['batch_size']} (beyond non-private training)"]
+    draws = f", {memory['noise_multiplicity']} noise draws per image" if memory["noise_multiplicity"] > 1 else ""
+    lines = [f"Per-sample memory at physical batch {memory['batch_size']}{draws} (beyond non-private training)"]
     lines += table(["mode", "memory"], [[mode, size(n)] for mode, n in memory["bytes"].items()], "<>")
     lines += [
         f"ghost: {size(memory['ghost_norm_bytes'])} of stored norms plus the largest transient, "

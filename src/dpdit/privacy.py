@@ -210,11 +210,15 @@ class PrivacyConfig:
             raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0 (or null to calibrate)")
         if self.init_data not in INIT_DATA:
             raise ValueError(f"privacy.init_data={self.init_data!r} is unknown: choose one of {', '.join(INIT_DATA)}")
-        if not isinstance(self.noise_multiplicity, int) or self.noise_multiplicity < 1:
-            raise ValueError(
-                f"privacy.noise_multiplicity={self.noise_multiplicity} must be a whole number >= 1: the "
-                "noise draws averaged per image before clipping (1: one draw, plain DP-SGD)"
-            )
+        check_noise_multiplicity(self.noise_multiplicity)
+
+
+def check_noise_multiplicity(draws: Any) -> None:
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(
+            f"privacy.noise_multiplicity={draws} must be a whole number >= 1: the "
+            "noise draws averaged per image before clipping (1: one draw, plain DP-SGD)"
+        )
 
 
 def check_precision(precision: str, clipping: str) -> None:
