@@ -5,11 +5,11 @@ training) it answers: how many parameters, of which types, in which components a
 parts; whether Opacus accepts the model; which way Opacus takes to each trainable layer's
 per-sample gradient or norm in every clipping mode (and where ghost clipping would fail);
 how much memory the per-sample gradients need at the physical batch `inspect.batch_size`
-(with `privacy.noise_multiplicity` draws per image) in each mode, next to the weights, gradients, Adam state and EMA copy; and the forward
-Gflops per image. For a pretrained diffusers DiT it also shows the per-block copies of the
-conditioning embedders and what each `model.finetune` choice trains. With
-`inspect.paper_sizes=true` it reproduces the size table of Peebles & Xie (2023) from the
-model configs.
+(with `privacy.noise_multiplicity` draws per image) in each mode, next to the weights,
+gradients, Adam state and EMA copy; and the forward Gflops per image. For a pretrained
+diffusers DiT it also shows the per-block copies of the conditioning embedders and what
+each `model.finetune` choice trains. With `inspect.paper_sizes=true` it reproduces the size
+table of Peebles & Xie (2023) from the model configs.
 
 dpdit's own DiT is built on the meta device (shapes without storage), so inspecting
 DiT-XL/2 costs neither memory nor initialisation time; a pretrained model is loaded. One
