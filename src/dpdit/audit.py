@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch.utils.data import ConcatDataset, TensorDataset
 
 from dpdit.data import ImageDataModule
 from dpdit.diffusion import GaussianDiffusion, mean_per_sample
-from dpdit.train import ConfigError, finish_wandb_runs, setup
+from dpdit.train import ConfigError, exit_on_config_error, finish_wandb_runs, setup
 
 
 def make_canaries(count: int, shape: tuple[int, ...], first_label: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,10 +247,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="audit")
 def main(cfg: DictConfig) -> None:
-    try:
-        report = run_audit(cfg)
-    except ConfigError as error:
-        sys.exit(f"dpdit: {error}")
+    report = exit_on_config_error(run_audit, cfg)
     print(
         f"audit: epsilon >= {report['epsilon_lower_bound']:.3f} at {cfg.audit.confidence:.0%} confidence "
         f"({report['best']['correct']}/{report['best']['guesses']} correct guesses by the {report['best']['score']} score); "

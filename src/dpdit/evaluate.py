@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from dpdit.images import to_uint8
 from dpdit.sample import pick_device, run_sampling
-from dpdit.train import ConfigError, finish_wandb_runs
+from dpdit.train import ConfigError, exit_on_config_error, finish_wandb_runs
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "precision_recall", "downstream")
@@ -286,10 +285,7 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        results = run_evaluation(cfg)
-    except ConfigError as error:
-        sys.exit(f"dpdit: {error}")
+    results = exit_on_config_error(run_evaluation, cfg)
     print(json.dumps(results, indent=2))
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from dpdit.models import PretrainedDiT
 from dpdit.models.pretrained import FINETUNE
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity, gram_matrices_outweigh_gradient
 from dpdit.profile import VANILLA
-from dpdit.train import ConfigError
+from dpdit.train import ConfigError, exit_on_config_error
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -681,10 +680,7 @@ def run_inspection(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="inspect")
 def main(cfg: DictConfig) -> None:
-    try:
-        text = run_inspection(cfg)
-    except ConfigError as error:
-        sys.exit(f"dpdit: {error}")
+    text = exit_on_config_error(run_inspection, cfg)
     print(text, end="")
 
 

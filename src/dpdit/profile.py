@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +45,7 @@ from dpdit.privacy import (
     check_model_is_private,
     check_precision,
 )
-from dpdit.train import ConfigError
+from dpdit.train import ConfigError, exit_on_config_error
 
 VANILLA = "vanilla"
 MODES = (VANILLA, *CLIPPING_MODES)
@@ -428,10 +427,7 @@ def run_profile(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="profile")
 def main(cfg: DictConfig) -> None:
-    try:
-        results = run_profile(cfg)
-    except ConfigError as error:
-        sys.exit(f"dpdit: {error}")
+    results = exit_on_config_error(run_profile, cfg)
     print(results["table"])
     print(f"written: {Path(cfg.paths.output_dir) / 'profile.json'}, {Path(cfg.paths.output_dir) / 'profile.png'}")
 

@@ -14,7 +14,6 @@ Sampling from the EMA weights is post-processing of the private model: it costs 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from dpdit.diffusion import SAMPLERS, GaussianDiffusion
 from dpdit.images import save_grid, to_uint8
-from dpdit.train import ConfigError, initialise_from, read_checkpoint
+from dpdit.train import ConfigError, exit_on_config_error, initialise_from, read_checkpoint
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -155,10 +154,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = run_sampling(cfg)
-    except ConfigError as error:
-        sys.exit(f"dpdit: {error}")
+    result = exit_on_config_error(run_sampling, cfg)
     print(f"written: {len(result['images'])} images in {result['output_dir']} (samples.npz, samples.png, images/)")
 
 

@@ -7,8 +7,10 @@ compute and never touches an existing checkpoint or privacy history.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -172,6 +174,17 @@ def make_trainer(config: DictConfig, callbacks: list, loggers: list) -> L.Traine
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and the fix."""
+
+
+Result = TypeVar("Result")
+
+
+def exit_on_config_error(command: Callable[[DictConfig], Result], cfg: DictConfig) -> Result:
+    """Run a command line's work; a bad setting ends the process with its message, not a traceback."""
+    try:
+        return command(cfg)
+    except ConfigError as error:
+        sys.exit(f"dpdit: {error}")
 
 
 def setup(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:
