@@ -75,3 +75,14 @@ def save_tiny_pipeline(directory: Path, num_embeds_ada_norm: int = 1000, seed: i
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("hub") / "tiny-dit")
+
+
+@pytest.fixture
+def fixed_secret(monkeypatch):
+    """Every run of the test draws the same secret key: an interrupted run and its
+    uninterrupted reference then share their batches and noise, as one run's resume does."""
+    from dpdit.randomness import PrivateRandomness
+
+    key = bytes(range(32))
+    monkeypatch.setattr(PrivateRandomness, "secret", classmethod(lambda cls: cls(key, "secret")))
+    return key

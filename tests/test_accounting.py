@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from scipy.special import gammaln, logsumexp
 
-from dpdit.privacy import RDP_ORDERS, _rdp_of_one_step, calibrate_noise_multiplier, epsilon_of
+from dpdit.privacy import (
+    ACCOUNTANTS,
+    ESTIMATES,
+    RDP_ORDERS,
+    PrivacyConfig,
+    _rdp_of_one_step,
+    calibrate_noise_multiplier,
+    epsilon_of,
+)
 
 
 def subsampled_gaussian_rdp(q: float, sigma: float, alpha: int) -> float:
@@ -95,7 +103,7 @@ def test_epsilon_matches_google_dp_accounting(sigma, q, steps):
 GRID = [(target, q, steps) for target in (1.0, 3.0, 10.0) for q in (0.01, 0.2, 0.57) for steps in (10, 500)]
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "gdp"])
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_calibration_never_exceeds_the_target_over_a_grid(accountant):
     for target, q, steps in GRID:
         sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant)
@@ -107,3 +115,41 @@ def test_prv_calibration_never_exceeds_the_target():
     for target, q, steps in [(1.0, 0.01, 500), (10.0, 0.57, 10), (3.0, 0.2, 500)]:
         sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, "prv")
         assert epsilon_of([(sigma, q, steps)], 1e-5, "prv") <= target, (target, q, steps)
+
+
+# 24 points: noise from 0.4 to 10, sample rates from 0.001 to 1, 1 to 5,000 steps, with the
+# settings of the default digits run, a DPDM-like MNIST run and the smallest batches
+BOUND_GRID = [
+    (sigma, q, steps)
+    for sigma, q in [(0.4, 0.01), (0.6, 0.043), (1.0, 0.001), (1.0, 0.068), (2.0, 0.2), (10.28, 0.684)]
+    for steps in (1, 10, 800, 5000)
+]
+
+
+def fine_pld_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """dp-accounting's PLD at its default, finer value grid: closer to the true epsilon."""
+    return dp_accounting_epsilon(q, sigma, steps, delta, "pld")
+
+
+@pytest.mark.parametrize("sigma, q, steps", BOUND_GRID)
+def test_every_bounding_accountant_is_at_or_above_pld(sigma, q, steps):
+    """PLD (pessimistic) bounds the true epsilon from above; RDP and PRV may only be looser.
+    Our coarser PLD grid is itself pessimistic: never below the finer one."""
+    history = [(sigma, q, steps)]
+    reference = fine_pld_epsilon(sigma, q, steps, 1e-5)
+    assert reference * (1 - 1e-9) <= epsilon_of(history, 1e-5, "pld") <= reference * 1.05
+    for accountant in ACCOUNTANTS:
+        assert epsilon_of(history, 1e-5, accountant) >= reference * (1 - 1e-3), accountant
+
+
+def test_gdp_falls_below_pld_and_is_refused():
+    """The history of `data.batch_size=15 trainer.max_steps=10 privacy.target_epsilon=3` under
+    GDP: GDP reports the target met while PLD gives more than twice as much."""
+    sigma = calibrate_noise_multiplier(3.0, 1e-5, 15 / 1497, 10, "pld")
+    gdp_sigma = calibrate_noise_multiplier(3.0, 1e-5, 15 / 1497, 10, "gdp")
+    assert epsilon_of([(gdp_sigma, 15 / 1497, 10)], 1e-5, "gdp") <= 3.0
+    assert epsilon_of([(gdp_sigma, 15 / 1497, 10)], 1e-5, "pld") > 7.0
+    assert sigma > 1.3 * gdp_sigma
+    assert "gdp" not in ACCOUNTANTS and "gdp" in ESTIMATES
+    with pytest.raises(ValueError, match="privacy.accountant=gdp is a central-limit approximation.*pld"):
+        PrivacyConfig(accountant="gdp").validate(dataset_size=1497)

@@ -73,7 +73,7 @@ def test_larger_batch_on_resume_stops_earlier(make_config, tmp_path):
     assert resumed["epsilon"] <= target < epsilon_of([*history, (0.6, 128 / 1497, 1)], 1e-5, "rdp")
 
 
-def test_budget_stop_resumed_equals_uninterrupted(make_config, tmp_path):
+def test_budget_stop_resumed_equals_uninterrupted(make_config, tmp_path, fixed_secret):
     target = budget_for(3)
     budget = [SIGMA, f"privacy.target_epsilon={target}", "trainer.max_steps=6"]
     train(make_config(*budget, name="whole"))

@@ -94,7 +94,7 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
-def test_time_limit_signal_saves_requeues_and_resumes_like_an_uninterrupted_run(make_config, fake_slurm, monkeypatch, tmp_path):
+def test_time_limit_signal_saves_requeues_and_resumes_like_an_uninterrupted_run(make_config, fake_slurm, monkeypatch, tmp_path, fixed_secret):
     overrides = ("trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=1000")
     uninterrupted = make_config(*overrides, name="uninterrupted")
     train(uninterrupted)

@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from dpdit.data import ImageDataModule, LogicalBatchSampler, build_dataset
+from dpdit.randomness import PrivateRandomness
 
 
 def test_digits_are_the_real_bundled_images_in_unit_range():
@@ -37,8 +38,8 @@ def test_poisson_batches_have_the_configured_expected_size():
 def test_ranks_split_exactly_the_single_process_batches(poisson):
     """Two ranks' batches are disjoint and together the one-process batch, step by step,
     with as many batches on each rank, empty ones included."""
-    single = list(LogicalBatchSampler(50, 2, poisson=poisson, seed=1))
-    ranks = [list(LogicalBatchSampler(50, 2, poisson=poisson, seed=1, rank=r, world_size=2)) for r in range(2)]
+    single = list(LogicalBatchSampler(50, 2, PrivateRandomness.seeded(1), poisson=poisson))
+    ranks = [list(LogicalBatchSampler(50, 2, PrivateRandomness.seeded(1), poisson=poisson, rank=r, world_size=2)) for r in range(2)]
     assert len(single) == len(ranks[0]) == len(ranks[1]) == 25
     for whole, first, second in zip(single, *ranks):
         assert not set(first) & set(second) and sorted(first + second) == sorted(whole)
@@ -47,7 +48,7 @@ def test_ranks_split_exactly_the_single_process_batches(poisson):
 
 
 def test_poisson_inclusion_is_independent_at_the_sample_rate():
-    sampler = LogicalBatchSampler(40, 10, seed=3, world_size=2)
+    sampler = LogicalBatchSampler(40, 10, PrivateRandomness.secret(), world_size=2)
     masks = np.zeros((2000, 40))
     for step in range(2000):
         masks[step, sampler.global_batch(step)] = 1
@@ -57,8 +58,9 @@ def test_poisson_inclusion_is_independent_at_the_sample_rate():
 
 
 def test_a_resumed_sampler_draws_what_the_uninterrupted_one_would():
-    uninterrupted = list(LogicalBatchSampler(100, 10, seed=1)) + list(LogicalBatchSampler(100, 10, seed=1, first_step=10))
-    resumed = list(LogicalBatchSampler(100, 10, seed=1, first_step=4))
+    randomness = PrivateRandomness.secret()
+    uninterrupted = list(LogicalBatchSampler(100, 10, randomness)) + list(LogicalBatchSampler(100, 10, randomness, first_step=10))
+    resumed = list(LogicalBatchSampler(100, 10, randomness, first_step=4))
     assert resumed == uninterrupted[4:14]
 
 

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from conftest import FAST
 from test_privacy_step import BATCH, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
 
+from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.privacy import DPSGDTraining, NonPrivateTraining, PrivacyConfig
 
@@ -64,6 +65,12 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
     results["weights"] = [p.detach().clone() for p in module.model.parameters()]
     results["ema"] = [p.detach().clone() for p in module.ema.module.parameters()]
     results["steps"] = noisy.steps
+    # each process draws its own secret key; the data module shares rank 0's
+    data = ImageDataModule(dataset="fake", image_size=8, size=16, batch_size=4, physical_batch_size=4)
+    before = data.randomness.key
+    data.trainer = module.trainer
+    results["batches"] = list(data.train_dataloader().batch_sampler)
+    results["keys"] = (before, data.randomness.key)
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -129,9 +136,11 @@ def run_train(tmp_path, name, *overrides):
 
 def test_ddp_command_reports_what_one_process_reports(tmp_path):
     """`python train.py trainer=ddp trainer.devices=2`: Lightning starts the second rank;
-    the report (written once) equals the single process's for the same global batches."""
-    single = json.loads((run_train(tmp_path, "single") / "privacy_report.json").read_text())
-    ddp_dir = run_train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2")
+    the report (written once) equals the single process's for the same global batches
+    (seeded, so that two separate launches draw the same batches)."""
+    seeded = "privacy.secure_mode=false"
+    single = json.loads((run_train(tmp_path, "single", seeded) / "privacy_report.json").read_text())
+    ddp_dir = run_train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", seeded)
     report = json.loads((ddp_dir / "privacy_report.json").read_text())
     for key in ("epsilon", "noise_multiplier", "sample_rate", "steps", "dataset_size", "expected_batch_size", "history"):
         assert report[key] == single[key], key
@@ -140,3 +149,11 @@ def test_ddp_command_reports_what_one_process_reports(tmp_path):
     sizes = [(run / "csv" / "version_0" / "metrics.csv").read_text().splitlines() for run in (tmp_path / "single", ddp_dir)]
     column = sizes[0][0].split(",").index("train/batch_size")
     assert [row.split(",")[column] for row in sizes[0][1:]] == [row.split(",")[column] for row in sizes[1][1:]]
+
+
+def test_ranks_share_rank_zero_s_secret_key_and_split_its_batches(two_ranks):
+    ranks, _ = two_ranks
+    (zero_before, zero_after), (one_before, one_after) = ranks[0]["keys"], ranks[1]["keys"]
+    assert zero_before != one_before and zero_after == one_after == zero_before
+    for first, second in zip(ranks[0]["batches"], ranks[1]["batches"]):
+        assert not set(first) & set(second)

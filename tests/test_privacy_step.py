@@ -205,19 +205,3 @@ def test_precisions_that_break_the_dp_step_are_refused(make_config, precision, c
 
     with pytest.raises(ConfigError, match=message):
         setup(make_config(f"trainer.precision={precision}", f"privacy.clipping={clipping}"))
-
-
-@pytest.mark.parametrize("secure_mode", [False, True])
-def test_only_secure_mode_keeps_the_noise_out_of_reach_of_the_seed(secure_mode):
-    def noise():
-        privacy = DPSGDTraining(
-            PrivacyConfig(clipping="ghost", noise_multiplier=1.0, secure_mode=secure_mode),
-            sample_rate=1.0,
-            dataset_size=BATCH,
-            noise_multiplier=1.0,
-        )
-        return torch.cat([u.flatten() for u in run_step(privacy, physical_batch_size=BATCH, loss=ZeroLoss())[1]])
-
-    first, second = noise(), noise()
-    assert first.std() > 0.1 / BATCH
-    assert torch.equal(first, second) != secure_mode

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from dpdit.cluster import Requeued
 from dpdit.export import export_pipeline, exportable
+from dpdit.files import write_json_atomically
 from dpdit.metrics import class_consistency
 from dpdit.sample import generate, save_samples
 
@@ -22,12 +22,23 @@ def _json_number(value):
 
 
 class ModelCheckpoint(callbacks.ModelCheckpoint):
-    """Lightning's checkpointing, plus `last.ckpt` written when training ends: Lightning
-    skips that save once any earlier `last.ckpt` exists, leaving the final steps unsaved."""
+    """Lightning's checkpointing, plus `last.ckpt` written right after the last training
+    step, before any end-of-training output (report, samples, export) runs: a failure
+    there then loses no trained weights and no privacy history. (Lightning itself skips
+    that save once any earlier `last.ckpt` exists, leaving the final steps unsaved.)"""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step >= trainer.max_steps or trainer.should_stop:
+            self.save_final(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_last and self.dirpath is not None:
+        self.save_final(trainer)
+
+    def save_final(self, trainer: L.Trainer) -> None:
+        if self.save_last and self.dirpath is not None and self._last_global_step_saved != trainer.global_step:
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            self._last_global_step_saved = trainer.global_step
 
 
 class PrivacyReport(L.Callback):
@@ -46,7 +57,7 @@ class PrivacyReport(L.Callback):
         report["trainable_parameters"] = sum(p.numel() for p in pl_module.model.parameters() if p.requires_grad)
         report["total_parameters"] = sum(p.numel() for p in pl_module.model.parameters())
         report["global_step"] = trainer.global_step
-        self.path.write_text(json.dumps(report, indent=2))
+        write_json_atomically(self.path, report)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update({f"privacy/{k}": v for k, v in report.items() if not isinstance(v, (list, dict))})
@@ -110,7 +121,7 @@ class SampleImages(L.Callback):
         metrics = {}
         if getattr(trainer.datamodule, "dataset", None) == "digits":
             metrics["class_consistency"] = class_consistency(images, labels)
-            (self.output_dir / "sample_metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_json_atomically(self.output_dir / "sample_metrics.json", metrics)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples/grid", [grid], step=trainer.global_step)

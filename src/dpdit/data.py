@@ -18,6 +18,7 @@ from torchvision import datasets, transforms
 
 from dpdit.latents import cached_latents, describe_images
 from dpdit.models.pretrained import FrozenVAE
+from dpdit.randomness import PrivateRandomness
 
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder", "fake")
 DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3}
@@ -126,22 +127,23 @@ def build_dataset(
 class LogicalBatchSampler(Sampler[list[int]]):
     """Logical batches for one rank, the same global batches however many ranks train.
 
-    Step s's global batch is drawn from a generator seeded by (seed, s): with `poisson`, every
-    image joins independently with probability `sample_rate` (the sampling DP-SGD's
-    accounting assumes); otherwise `batch_size` distinct images. Every rank draws the same
-    global batch and keeps the part whose positions are `rank` modulo `world_size`, so the
-    ranks together hold exactly one single-process batch, and every rank yields the same
-    number of (possibly empty) batches, so none waits for another in a collective.
-    Drawing from (seed, s) rather than a running stream makes a resumed run, which starts
-    at `first_step`, draw the batches an uninterrupted run would have drawn.
+    Step s's global batch is drawn from `randomness`' stream for step s (secret by default:
+    see `dpdit.randomness`): with `poisson`, every image joins independently with probability
+    `sample_rate` (the sampling DP-SGD's accounting assumes); otherwise `batch_size` distinct
+    images. Every rank draws the same global batch (the ranks share one key) and keeps the
+    part whose positions are `rank` modulo `world_size`, so the ranks together hold exactly
+    one single-process batch, and every rank yields the same number of (possibly empty)
+    batches, so none waits for another in a collective. Drawing from step s's own stream
+    rather than a running one makes a resumed run, which starts at `first_step`, draw the
+    batches an uninterrupted run would have drawn.
     """
 
     def __init__(
         self,
         dataset_size: int,
         batch_size: int,
+        randomness: PrivateRandomness,
         poisson: bool = True,
-        seed: int = 0,
         first_step: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -150,7 +152,7 @@ class LogicalBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.sample_rate = batch_size / dataset_size
         self.poisson = poisson
-        self.seed = seed
+        self.randomness = randomness
         self.step = first_step
         self.rank = rank
         self.world_size = world_size
@@ -160,10 +162,9 @@ class LogicalBatchSampler(Sampler[list[int]]):
         return max(self.dataset_size // self.batch_size, 1)
 
     def global_batch(self, step: int) -> np.ndarray:
-        generator = np.random.default_rng([self.seed, step])
         if self.poisson:
-            return np.flatnonzero(generator.random(self.dataset_size) < self.sample_rate)
-        return generator.choice(self.dataset_size, self.batch_size, replace=False)
+            return self.randomness.poisson_batch(step, self.dataset_size, self.sample_rate)
+        return self.randomness.fixed_size_batch(step, self.dataset_size, self.batch_size)
 
     def __iter__(self):
         for _ in range(len(self)):
@@ -178,7 +179,8 @@ class ImageDataModule(L.LightningDataModule):
     `batch_size` is the logical batch over all ranks. With `poisson_sampling` each image
     joins a batch independently with probability `sample_rate = batch_size / len(dataset)`
     (the sampling DP-SGD's accounting assumes); otherwise batches are random and of fixed
-    size. See `LogicalBatchSampler` for how ranks share a batch and how resumes continue.
+    size, drawn from `randomness` (default: a secret key with Poisson sampling, a fixed one
+    without). See `LogicalBatchSampler` for how ranks share a batch and how resumes continue.
     `noise_schedule_end` is the end of the linear noise schedule that suits these images
     (smaller images are destroyed by less noise); the diffusion config reads it.
 
@@ -201,7 +203,7 @@ class ImageDataModule(L.LightningDataModule):
         size: int = 256,
         num_workers: int = 0,
         poisson_sampling: bool = True,
-        seed: int = 0,
+        randomness: PrivateRandomness | None = None,
         noise_schedule_end: float = 0.02,
         vae: FrozenVAE | None = None,
         latent_cache_dir: str | None = None,
@@ -220,7 +222,7 @@ class ImageDataModule(L.LightningDataModule):
         self.size = size
         self.num_workers = num_workers
         self.poisson_sampling = poisson_sampling
-        self.seed = seed
+        self.randomness = randomness or (PrivateRandomness.secret() if poisson_sampling else PrivateRandomness.seeded(0))
         self.noise_schedule_end = noise_schedule_end
         self.vae = vae
         self.test_root = test_root
@@ -280,11 +282,14 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         trainer = self.trainer
+        if trainer is not None:
+            # Each process drew its own key; the ranks' batches must come from rank 0's.
+            self.randomness.share(trainer.strategy)
         sampler = LogicalBatchSampler(
             self.dataset_size,
             self.batch_size,
+            self.randomness,
             poisson=self.poisson_sampling,
-            seed=self.seed,
             # a resumed trainer has already restored its step when it asks for the loader
             first_step=trainer.global_step if trainer else 0,
             rank=trainer.global_rank if trainer else 0,

@@ -179,7 +179,9 @@ class GaussianDiffusion:
         scheduler = SAMPLERS[sampler].from_config(self.scheduler.config, clip_sample=self.scheduler.config.clip_sample and pixel_space)
         scheduler.set_timesteps(num_steps)
         shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
-        x = randn_tensor(shape, generator=generator, device=labels.device) * scheduler.init_noise_sigma
+        # in the model's precision: a 64-true run's model is float64
+        dtype = next(model.parameters()).dtype
+        x = randn_tensor(shape, generator=generator, device=labels.device, dtype=dtype) * scheduler.init_noise_sigma
         for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
             eps = self.guided_epsilon(model, scheduler.scale_model_input(x, t), t, labels, guidance_scale)
             x = scheduler.step(eps, t, x, generator=generator).prev_sample

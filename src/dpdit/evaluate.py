@@ -232,7 +232,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     try:
         check_settings(settings)
         device = pick_device(cfg.sample.device)
-        data = instantiate(cfg.data, poisson_sampling=False, seed=cfg.seed)
+        data = instantiate(cfg.data, poisson_sampling=False)
         needs_features = bool({"fid", "precision_recall"} & set(settings.metrics))
         splits = {"test"} if "downstream" in settings.metrics else set()
         splits |= {settings.fid_reference} if needs_features else set()

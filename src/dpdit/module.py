@@ -16,8 +16,9 @@ from dpdit.privacy import DPSGDTraining, NonPrivateTraining, full_precision, mea
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one rank's randomness (timesteps, noise, label dropout, DP noise) in one
-    step: independent across ranks, and the same in a resumed and an uninterrupted run."""
+    """The seed of one rank's model randomness (timesteps, diffusion noise, label dropout) in
+    one step: independent across ranks, and the same in a resumed and an uninterrupted run.
+    The DP mechanism's own draws (batches, noise) come from `dpdit.randomness` instead."""
     return int(np.random.SeedSequence([seed, 1, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -45,8 +46,9 @@ class DiffusionModule(L.LightningModule):
     its loss is their mean. The EMA copy is post-processing of
     the private weights and costs no privacy; samples are drawn from it.
 
-    Each step reseeds the random generators from (seed, rank, step), so a run resumed from
-    a checkpoint continues exactly as the uninterrupted run would have.
+    Each step reseeds the model's random generators from (seed, rank, step), and the DP
+    mechanism's batches and noise are keyed by the step, so a run resumed from a checkpoint
+    continues exactly as the uninterrupted run would have.
     """
 
     def __init__(

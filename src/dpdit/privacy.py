@@ -4,7 +4,8 @@ A training step sees one logical batch (Poisson-sampled at `sample_rate`) as a s
 physical micro-batches. Each micro-batch's per-sample gradients are clipped and summed into
 Opacus' `summed_grad` (a skipped optimizer step); the last micro-batch adds the Gaussian
 noise once, divides by the expected batch size and steps, so every micro-batch counts
-in `hooks` and in `ghost` mode alike.
+in `hooks` and in `ghost` mode alike. The noise comes from the run's secret streams
+(`dpdit.randomness`), not from torch's generators.
 
 With several ranks, each holds its share of the global batch and clips it; Opacus'
 distributed optimizers add the noise on rank 0 only and sum the ranks' gradients, so the
@@ -27,22 +28,33 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import secrets
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from dp_accounting import dp_event, pld
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+from dpdit.randomness import PrivateRandomness
+
+# Accountants whose epsilon is an upper bound on the true one, tightest first: Google's
+# privacy loss distributions (dp-accounting, pessimistic estimate), Opacus' PRV (its upper
+# error bound) and RDP. Only these calibrate the noise, enforce the budget or fill `epsilon`.
+ACCOUNTANTS = ("pld", "prv", "rdp")
+# Accountants that only estimate: Opacus' GDP is a central-limit approximation that fell up
+# to 80% below PLD on a grid. The report shows them beside the bounds, never as `epsilon`.
+ESTIMATES = ("gdp",)
+# PLD's value grid: coarser is faster and still pessimistic (about 0.01% above 1e-4's epsilon)
+PLD_DISCRETIZATION = 1e-3
 # Opacus' ways to the per-sample norms: hooks (per-layer per-sample gradients from hooks),
 # ghost (norms without per-sample gradients where a layer allows it), functorch (per-sample
 # gradients of every layer by vmap, for layers Opacus has no hook for).
@@ -61,6 +73,8 @@ History = list[tuple[float, float, int]]
 # often above 63, and a missing order only makes epsilon looser, never wrong.
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024])
 
+log = logging.getLogger(__name__)
+
 # Opacus logs one INFO line per layer when it attaches hooks.
 logging.getLogger("opacus").setLevel(logging.WARNING)
 # The first layers' inputs (noisy images, timesteps, labels) never require grad; the
@@ -78,6 +92,13 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
 
 
+def _pld_epsilon(history: History, delta: float) -> float:
+    accountant = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for sigma, q, steps in history:
+        accountant.compose(dp_event.PoissonSampledDpEvent(float(q), dp_event.GaussianDpEvent(float(sigma))), int(steps))
+    return float(accountant.get_epsilon(delta))
+
+
 def epsilon_of(history: History, delta: float, accountant: str) -> float:
     """Epsilon spent by a history of (noise multiplier, sample rate, steps) entries.
 
@@ -91,7 +112,12 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
     if accountant == "rdp":
         rdp = sum(steps * _rdp_of_one_step(float(sigma), float(q)) for sigma, q, steps in history)
         return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
-    counter = create_accountant(mechanism=accountant)
+    if accountant == "pld":
+        return _pld_epsilon(history, delta)
+    with warnings.catch_warnings():
+        # Opacus warns that GDP can underestimate: the report lists it as an estimate only.
+        warnings.filterwarnings("ignore", message="GDP accounting is experimental")
+        counter = create_accountant(mechanism=accountant)
     counter.history = [tuple(entry) for entry in history]
     try:
         return float(counter.get_epsilon(delta=delta))
@@ -165,9 +191,9 @@ def steps_within_budget(
     return low
 
 
-def epsilon_by_accountant(history: History, delta: float) -> dict[str, float]:
-    """The epsilon every accountant gives for the same history."""
-    return {accountant: epsilon_of(history, delta, accountant) for accountant in ACCOUNTANTS}
+def epsilon_by_accountant(history: History, delta: float, accountants: tuple[str, ...] = ACCOUNTANTS) -> dict[str, float]:
+    """The epsilon each of `accountants` gives for the same history."""
+    return {accountant: epsilon_of(history, delta, accountant) for accountant in accountants}
 
 
 @dataclass
@@ -182,13 +208,20 @@ class PrivacyConfig:
     accountant: str = "rdp"
     clipping: str = "ghost"
     noise_multiplicity: int = 1
-    secure_mode: bool = False
+    secure_mode: bool = True
     init_data: str = "same"
 
     def validate(self, dataset_size: int) -> None:
         """Raise a ValueError naming the setting for every invalid choice."""
         if not self.enabled:
             return
+        if self.accountant in ESTIMATES:
+            raise ValueError(
+                f"privacy.accountant={self.accountant} is a central-limit approximation, not an upper "
+                "bound: it can report far less than the epsilon spent (up to 80% below PLD), so it may "
+                "not calibrate the noise or enforce the budget. Use privacy.accountant=pld (tightest), "
+                "prv or rdp; the report shows gdp's estimate beside them"
+            )
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"privacy.accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
         if self.clipping not in CLIPPING_MODES:
@@ -385,6 +418,28 @@ def check_resumable(state: dict[str, Any]) -> None:
         )
 
 
+def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_of) -> type:
+    """`optimizer_class` (any of Opacus' DP optimizers) whose noise phase draws
+    N(0, sigma^2 C^2) from `randomness`' stream for step `step_of()` instead of torch's
+    generator. As in Opacus' distributed optimizers, only rank 0 adds noise."""
+
+    class SecretNoise(optimizer_class):
+        def add_noise(self) -> None:
+            params = self.params
+            for p in params:
+                _check_processed_flag(p.summed_grad)
+            if getattr(self, "rank", 0) == 0 and self.noise_multiplier > 0:
+                noises = randomness.gaussian_noise(step_of(), [p.summed_grad for p in params], self.noise_multiplier * self.max_grad_norm)
+            else:
+                noises = [torch.zeros_like(p.summed_grad) for p in params]
+            for p, noise in zip(params, noises):
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    SecretNoise.__name__ = SecretNoise.__qualname__ = f"SecretNoise{optimizer_class.__name__}"
+    return SecretNoise
+
+
 class DPSGDTraining:
     """DP-SGD (Abadi et al., 2016) through Opacus' per-sample gradients and accountants.
 
@@ -393,17 +448,29 @@ class DPSGDTraining:
         sample_rate: Poisson sampling rate q = expected batch / dataset size.
         dataset_size: N, public.
         noise_multiplier: sigma (already calibrated when the config asked for it).
+        randomness: where batch membership and noise come from (default: a new secret key
+            under `secure_mode`, the seed 0's key otherwise).
     """
 
     enabled = True
 
-    def __init__(self, config: PrivacyConfig, sample_rate: float, dataset_size: int, noise_multiplier: float):
+    def __init__(
+        self,
+        config: PrivacyConfig,
+        sample_rate: float,
+        dataset_size: int,
+        noise_multiplier: float,
+        randomness: PrivateRandomness | None = None,
+    ):
         self.config = config
+        self.randomness = randomness or (PrivateRandomness.secret() if config.secure_mode else PrivateRandomness.seeded(0))
         self.sample_rate = sample_rate
         self.dataset_size = dataset_size
         self.expected_batch_size = sample_rate * dataset_size
         self.noise_multiplier = noise_multiplier
-        self.accountant = create_accountant(mechanism=config.accountant)
+        # Opacus' accountant keeps the history of (sigma, q, steps); epsilon comes from
+        # `epsilon_of` with the configured accountant.
+        self.accountant = create_accountant(mechanism="rdp")
         self.hooks = None
         self.optimizer = None
         # accountant steps the budget allows (None: no target, no limit)
@@ -432,15 +499,14 @@ class DPSGDTraining:
         optimizer_class = get_optimizer_class(
             clipping="flat", distributed=world_size > 1, grad_sample_mode=self.config.clipping
         )
-        self.optimizer = optimizer_class(
+        # the noise of the step about to be accounted: its index in the history
+        self.optimizer = with_noise_from(optimizer_class, self.randomness, lambda: self.steps)(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
             # each rank's share: the distributed optimizer divides the sum by world_size too
             expected_batch_size=self.expected_batch_size / world_size,
             loss_reduction="mean",
-            secure_mode=self.config.secure_mode,
-            generator=self._noise_generator(optimizer.param_groups[0]["params"][0].device),
         )
         self.optimizer.attach_step_hook(self._account_step)
         return self.optimizer
@@ -464,14 +530,6 @@ class DPSGDTraining:
                 samplers[layer] = norm_of_mean_gradient_sampler(grad_sampler, draws)
         self.hooks.NORM_SAMPLERS = samplers
 
-    def _noise_generator(self, device: torch.device) -> torch.Generator | None:
-        """None: the noise comes from the training's seeded generator (reproducible, and
-        predictable by whoever knows the seed). In secure mode, a generator seeded from
-        the operating system's entropy, which no config reveals."""
-        if not self.config.secure_mode:
-            return None
-        return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-
     def _account_step(self, optimizer) -> None:
         # Called by Opacus right after the noise is added: one step per logical batch.
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
@@ -489,10 +547,10 @@ class DPSGDTraining:
         return allowed
 
     def epsilon_due(self, steps_done: int, last: bool) -> bool:
-        """Whether the dashboard shows epsilon after this step: always with RDP and GDP
-        (cached, microseconds); with PRV, which takes about a second per evaluation, at a
-        hundred points of the run and at its last step."""
-        interval = 1 if self.config.accountant != "prv" else max(1, (self.step_limit or steps_done) // 100)
+        """Whether the dashboard shows epsilon after this step: always with RDP (cached,
+        microseconds); with PLD and PRV, which take 0.05-1 s per evaluation, at a hundred
+        points of the run and at its last step."""
+        interval = 1 if self.config.accountant == "rdp" else max(1, (self.step_limit or steps_done) // 100)
         return last or self.budget_exhausted or steps_done % interval == 0
 
     @property
@@ -544,13 +602,25 @@ class DPSGDTraining:
         return self._epsilon_memo[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"enabled": True, "noise_multiplier": self.noise_multiplier, "history": list(self.accountant.history)}
+        return {
+            "enabled": True,
+            "noise_multiplier": self.noise_multiplier,
+            "history": list(self.accountant.history),
+            "randomness": self.randomness.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_resumable(state)
         # (sigma, q, steps) entries mean the same to every accountant, so a run may
         # switch accountants on resume.
         self.accountant.history = [tuple(entry) for entry in state["history"]]
+        if "randomness" in state:
+            self.randomness.load_state_dict(state["randomness"])
+            if self.config.secure_mode and not self.randomness.is_secret:
+                log.warning(
+                    "the resumed checkpoint's batches and noise were seeded (privacy.secure_mode=false): "
+                    "the run stays seeded and is not a private release"
+                )
 
     def report(self) -> dict[str, Any]:
         return {
@@ -559,6 +629,9 @@ class DPSGDTraining:
             "delta": self.config.delta,
             "target_epsilon": self.config.target_epsilon,
             "epsilon_by_accountant": epsilon_by_accountant(self.accountant.history, self.config.delta),
+            "epsilon_estimates": epsilon_by_accountant(self.accountant.history, self.config.delta, ESTIMATES),
+            "epsilon_estimates_note": "not upper bounds: gdp is a central-limit approximation and may lie below the epsilon spent",
+            **self.randomness.describe(),
             "step_limit": self.step_limit,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.config.max_grad_norm,

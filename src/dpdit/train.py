@@ -7,6 +7,8 @@ compute and never touches an existing checkpoint or privacy history.
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from dpdit.cluster import resume_checkpoint
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
+from dpdit.files import write_text_atomically
 from dpdit.module import DiffusionModule
+from dpdit.randomness import PrivateRandomness
 from dpdit.privacy import (
     DPSGDTraining,
     History,
@@ -44,7 +48,17 @@ def read_checkpoint(path: str | None, setting: str) -> dict[str, Any] | None:
         return None
     if not Path(path).is_file():
         raise FileNotFoundError(f"{setting}={path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{setting}={path} cannot be read ({str(error).splitlines()[0][:120]}): the file is truncated, "
+            "corrupt or not a checkpoint written by train.py; give another checkpoint (e.g. an earlier "
+            "one from the same checkpoints/ folder)"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{setting}={path} is not a checkpoint written by train.py (it holds no state_dict)")
+    return checkpoint
 
 
 def privacy_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +93,65 @@ def inherited_history(config: PrivacyConfig, checkpoint: dict[str, Any], path: s
             "(public or other data), say so with privacy.init_data=disjoint"
         )
     return [tuple(entry) for entry in state["history"]]
+
+
+# Settings that shape what a checkpoint's weights mean: a resume must keep them.
+RESUME_DATA_SETTINGS = ("dataset", "image_size", "channels", "num_classes")
+
+
+def check_checkpoint_fits(model: torch.nn.Module, checkpoint: dict[str, Any], data: DictConfig, path: str) -> None:
+    """Fail before anything is written if a checkpoint to resume was trained on another model
+    or other data settings: its tensors' shapes must match the model's, and the data
+    settings that do not show in shapes (the image size of a position table that is not
+    saved) must equal those stored with it."""
+    saved = {key[len("model.") :]: value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    wrong = [key for key in expected.keys() & saved.keys() if tuple(saved[key].shape) != tuple(expected[key].shape)]
+    if missing or unexpected or wrong:
+        first = sorted(wrong)[0] if wrong else None
+        detail = (
+            f"{first} is {tuple(saved[first].shape)} there and {tuple(expected[first].shape)} here" if first
+            else f"keys {(missing or unexpected)[:3]} are {'missing' if missing else 'unexpected'}"
+        )
+        raise ValueError(
+            f"ckpt_path={path} was trained with another model ({detail}): resume with the model settings "
+            "it was trained with (its config is stored in it), or start a new run with init_ckpt_path"
+        )
+    stored = (checkpoint.get("config") or {}).get("data", {})
+    for key in RESUME_DATA_SETTINGS:
+        if key in stored and stored[key] != data.get(key):
+            raise ValueError(
+                f"ckpt_path={path} was trained with data.{key}={stored[key]} but this run sets "
+                f"data.{key}={data.get(key)}: resume with data.{key}={stored[key]}, or start a new run "
+                "with init_ckpt_path"
+            )
+
+
+def save_run_config(resolved: dict[str, Any], output_dir: str, resumed_step: int | None) -> None:
+    """`config_resolved.yaml`; a resume in the same directory first keeps the earlier one as
+    `config_resolved.before-step-<N>.yaml` rather than overwrite it."""
+    path = Path(output_dir) / "config_resolved.yaml"
+    text = OmegaConf.to_yaml(OmegaConf.create(resolved))
+    if path.is_file() and resumed_step is not None and path.read_text() != text:
+        kept = path.with_name(f"config_resolved.before-step-{resumed_step}.yaml")
+        if not kept.exists():
+            os.replace(path, kept)
+            log.info("resumed in place: the earlier run configuration is kept as %s", kept)
+    write_text_atomically(path, text)
+
+
+def run_randomness(config: PrivacyConfig, seed: int) -> PrivateRandomness:
+    """Where a new run's batches and noise come from: a secret key under DP with
+    `privacy.secure_mode` (a resumed run then takes its checkpoint's), the seed otherwise."""
+    if config.enabled and config.secure_mode:
+        return PrivateRandomness.secret()
+    if config.enabled:
+        log.warning(
+            "privacy.secure_mode=false: batch membership and noise are derived from seed=%d; anyone "
+            "with the config can regenerate the noise, so this run is not a private release", seed
+        )
+    return PrivateRandomness.seeded(seed)
 
 
 def check_output_directory(output_dir: str, ckpt_path: str | None) -> None:
@@ -120,10 +193,11 @@ def make_privacy(
     resumed: dict[str, Any] | None = None,
     inherited: History = (),
 ) -> DPSGDTraining | NonPrivateTraining:
-    """The training's privacy, continuing the `resumed` checkpoint's accountant, or starting
-    from an `inherited` history (an earlier run on the same data). A resumed run keeps its
-    noise multiplier; a new one calibrates sigma so that the history plus `max_steps` steps
-    spend the target. Either way the run stops before a step would exceed the target."""
+    """The training's privacy, continuing the `resumed` checkpoint's accountant and secret
+    key, or starting from an `inherited` history (an earlier run on the same data) with the
+    datamodule's randomness. A resumed run keeps its noise multiplier; a new one calibrates
+    sigma so that the history plus `max_steps` steps spend the target. Either way the run
+    stops before a step would exceed the target, and a run the target allows no step is refused."""
     if not config.enabled:
         privacy = NonPrivateTraining(datamodule.batch_size)
         if resumed is not None:
@@ -142,12 +216,18 @@ def make_privacy(
         sigma = calibrate_noise_multiplier(
             config.target_epsilon, config.delta, datamodule.sample_rate, remaining, config.accountant, history
         )
-    privacy = DPSGDTraining(config, datamodule.sample_rate, datamodule.dataset_size, sigma)
+    privacy = DPSGDTraining(config, datamodule.sample_rate, datamodule.dataset_size, sigma, datamodule.randomness)
     if resumed is not None:
         privacy.load_state_dict(state)
     else:
         privacy.accountant.history = history
     allowed = privacy.limit_steps(remaining)
+    if allowed == 0 and remaining > 0 and resumed is None:
+        raise ValueError(
+            f"privacy.target_epsilon={config.target_epsilon:g} allows no step at noise multiplier {sigma:g} "
+            f"(one step spends epsilon {privacy.epsilon_after_next_step():.4g}): raise "
+            "privacy.noise_multiplier, or leave it null to calibrate it to the target"
+        )
     if allowed < remaining:
         log.warning(
             "privacy budget: at noise multiplier %.4g and sample rate %.4g, privacy.target_epsilon=%g "
@@ -213,10 +293,12 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
         check_precision(cfg.trainer.precision, privacy_config.clipping)
     # The model first: a pretrained one brings the VAE that encodes the data.
     model = instantiate(cfg.model)
+    if resumed is not None:
+        check_checkpoint_fits(model, resumed, cfg.data, cfg.ckpt_path)
     if initial is not None:
         initialise_from(model, initial, cfg.init_ckpt_path)
     datamodule: ImageDataModule = instantiate(
-        cfg.data, poisson_sampling=privacy_config.enabled, seed=cfg.seed, vae=model.vae
+        cfg.data, poisson_sampling=privacy_config.enabled, randomness=run_randomness(privacy_config, cfg.seed), vae=model.vae
     )
     datamodule.setup("fit")
     check_batches(datamodule)
@@ -243,8 +325,7 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = make_trainer(cfg.trainer, callbacks, loggers)
     if trainer.is_global_zero:
-        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(resolved, Path(cfg.paths.output_dir) / "config_resolved.yaml")
+        save_run_config(resolved, cfg.paths.output_dir, resumed.get("global_step") if resumed else None)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
     return trainer, module, datamodule
