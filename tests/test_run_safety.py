@@ -48,7 +48,7 @@ def finished_run(make_config, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.hidden_size=64", r"was trained with another model \(\S+ is \(192,\) there and \(384,\) here\)"),
+        ("model.hidden_size=64", r"was trained with another model \(\S+ is \(192,\) there and \(384,\) here and \d+ more\)"),
         ("data.image_size=16", "was trained with data.image_size=8 but this run sets data.image_size=16"),
     ],
 )

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from dpdit.diffusion import SAMPLERS, GaussianDiffusion
 from dpdit.models.pretrained import PretrainedDiT
+from dpdit.train import read_checkpoint, weights_under
 
 
 def exportable(model) -> bool:
@@ -47,9 +48,7 @@ def export_pipeline(
 
 def ema_state(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
     """The EMA weights of a training checkpoint, keyed as the model's own state_dict."""
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
-    prefix = "ema.module."
-    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    return weights_under(read_checkpoint(str(checkpoint_path), "--ckpt"), "ema.module.")
 
 
 def export_run(run_dir: str | Path, checkpoint: str | Path | None = None, output: str | Path | None = None) -> Path:

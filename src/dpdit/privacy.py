@@ -40,8 +40,8 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 
 from dpdit.randomness import PrivateRandomness

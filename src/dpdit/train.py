@@ -26,7 +26,6 @@ from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.files import write_text_atomically
 from dpdit.module import DiffusionModule
-from dpdit.randomness import PrivateRandomness
 from dpdit.privacy import (
     DPSGDTraining,
     History,
@@ -38,6 +37,7 @@ from dpdit.privacy import (
     check_resumable,
     steps_of,
 )
+from dpdit.randomness import PrivateRandomness
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,14 @@ def privacy_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint.get("privacy", {"enabled": False})
 
 
+def weights_under(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of the submodule at `prefix` (`model.`, `ema.module.`), named as in it."""
+    return {key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
+
+
 def initialise_from(model: torch.nn.Module, checkpoint: dict[str, Any], path: str, setting: str = "init_ckpt_path") -> None:
     """Load the EMA weights of an earlier run (the weights its samples came from)."""
-    prefix = "ema.module."
-    weights = {key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
+    weights = weights_under(checkpoint, "ema.module.")
     if not weights:
         raise ValueError(f"{setting}={path} holds no EMA weights: give a checkpoint written by train.py")
     try:
@@ -104,18 +108,18 @@ def check_checkpoint_fits(model: torch.nn.Module, checkpoint: dict[str, Any], da
     or other data settings: its tensors' shapes must match the model's, and the data
     settings that do not show in shapes (the image size of a position table that is not
     saved) must equal those stored with it."""
-    saved = {key[len("model.") :]: value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
-    wrong = [key for key in expected.keys() & saved.keys() if tuple(saved[key].shape) != tuple(expected[key].shape)]
-    if missing or unexpected or wrong:
-        first = sorted(wrong)[0] if wrong else None
-        detail = (
-            f"{first} is {tuple(saved[first].shape)} there and {tuple(expected[first].shape)} here" if first
-            else f"keys {(missing or unexpected)[:3]} are {'missing' if missing else 'unexpected'}"
-        )
+    saved, expected = weights_under(checkpoint, "model."), model.state_dict()
+    problems = [
+        f"{key} is {tuple(saved[key].shape)} there and {tuple(value.shape)} here"
+        for key, value in sorted(expected.items())
+        if key in saved and saved[key].shape != value.shape
+    ]
+    problems += [f"{key} is not there" for key in sorted(expected.keys() - saved.keys())]
+    problems += [f"{key} is not in this model" for key in sorted(saved.keys() - expected.keys())]
+    if problems:
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise ValueError(
-            f"ckpt_path={path} was trained with another model ({detail}): resume with the model settings "
+            f"ckpt_path={path} was trained with another model ({problems[0]}{more}): resume with the model settings "
             "it was trained with (its config is stored in it), or start a new run with init_ckpt_path"
         )
     stored = (checkpoint.get("config") or {}).get("data", {})
