@@ -189,3 +189,16 @@ def test_wandb_run_carries_the_report_and_resolved_config(make_config, tmp_path,
     files = list((tmp_path / "run" / "wandb").glob("offline-run-*/files"))[0]
     assert read(files / "privacy_report.json") == read(tmp_path / "run" / "privacy_report.json")
     assert "${" not in (files / "config_resolved.yaml").read_text() and "target_epsilon: 10.0" in (files / "config_resolved.yaml").read_text()
+
+
+def test_public_font_prior_then_dp_fine_tuning_counts_only_the_private_steps(make_config, tmp_path):
+    prior = train(make_config("experiment=font_digits_pretrain", "data.size=64", name="prior"))
+    assert prior["enabled"] is False
+    report = train(
+        make_config(
+            "experiment=digits_from_font_prior", f"init_ckpt_path={tmp_path / 'prior/checkpoints/last.ckpt'}",
+            "trainer.max_steps=2", name="private",
+        )
+    )
+    assert report["init_checkpoint"]["data"] == "disjoint" and report["init_checkpoint"]["steps_counted"] == 0
+    assert report["steps"] == 2 and report["epsilon"] <= 10.0

@@ -84,3 +84,39 @@ def test_imagefolder_reads_class_subfolders(tmp_path):
 def test_missing_dataset_says_what_to_download_and_where(tmp_path, name, folder):
     with pytest.raises(FileNotFoundError, match=f"datasets.{folder}\\('{tmp_path}', download=True\\)"):
         build_dataset(name, str(tmp_path), image_size=32, channels=1, num_classes=10)
+
+
+def test_font_digits_are_deterministic_labelled_images_of_any_shape():
+    from dpdit.font_digits import render_font_digits
+
+    images, labels = render_font_digits(30, image_size=12, channels=3, seed=4)
+    assert images.shape == (30, 3, 12, 12) and -1.0 <= images.min() and images.max() <= 1.0
+    assert labels.tolist() == [i % 10 for i in range(30)]
+    again, _ = render_font_digits(20, image_size=12, channels=3, seed=4)
+    assert torch.equal(again, images[:20])  # image i does not depend on the count
+    assert not torch.equal(render_font_digits(20, image_size=12, channels=3, seed=5)[0], again)
+    train = build_dataset("font_digits", None, image_size=8, channels=1, num_classes=10, size=50)
+    test = build_dataset("font_digits", None, image_size=8, channels=1, num_classes=10, size=50, split="test")
+    assert len(train) == 50 and not torch.equal(train.tensors[0], test.tensors[0])
+
+
+def test_font_digits_look_like_digits_to_a_classifier_of_the_real_ones():
+    """A public stand-in with a domain gap: recognised far above chance (10%), far below the real test split."""
+    from sklearn.linear_model import LogisticRegression
+
+    from dpdit.data import load_digits_tensors
+    from dpdit.font_digits import render_font_digits
+
+    real, real_labels = load_digits_tensors()
+    classifier = LogisticRegression(max_iter=2000).fit(real.flatten(1).numpy(), real_labels.numpy())
+    fonts, labels = render_font_digits(500)
+    accuracy = (classifier.predict(fonts.flatten(1).numpy()) == labels.numpy()).mean()
+    assert 0.25 < accuracy < 0.8
+
+
+def test_font_digits_skip_fonts_that_put_symbols_at_the_numerals():
+    from dpdit.font_digits import font_files, usable_fonts
+
+    names = [path.rsplit("/", 1)[-1] for path in usable_fonts(tuple(font_files()))]
+    assert "DejaVuSans.ttf" in names and "cmsy10.ttf" not in names and "cmex10.ttf" not in names
+    assert len(names) >= 10

@@ -16,11 +16,12 @@ from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 from torchvision import datasets, transforms
 
+from dpdit.font_digits import render_font_digits
 from dpdit.latents import cached_latents, describe_images
 from dpdit.models.pretrained import FrozenVAE
 from dpdit.randomness import PrivateRandomness
 
-DATASETS = ("digits", "mnist", "cifar10", "imagefolder", "fake")
+DATASETS = ("digits", "font_digits", "mnist", "cifar10", "imagefolder", "fake")
 DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3}
 
 
@@ -28,6 +29,8 @@ SPLITS = ("train", "test")
 # Every sixth of scikit-learn's 1,797 digits is held out as the test split (300 images, about
 # 30 per class): training sees the other 1,497, downstream accuracy is measured on these.
 DIGITS_TEST_EVERY = 6
+# The font digits' splits are rendered with their own seeds: no test image is a training image.
+FONT_DIGITS_SEEDS = {"train": 0, "test": 1}
 
 
 def load_digits_tensors(image_size: int = 8, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +86,8 @@ def build_dataset(
         raise ValueError(f"split={split!r} is unknown: choose one of {', '.join(SPLITS)}")
     if name == "digits":
         return TensorDataset(*load_digits_tensors(image_size, split))
+    if name == "font_digits":
+        return TensorDataset(*render_font_digits(size, image_size, channels, seed=FONT_DIGITS_SEEDS[split]))
     if name == "fake":
         return datasets.FakeData(
             size=size,
