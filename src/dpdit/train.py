@@ -52,7 +52,7 @@ def read_checkpoint(path: str | None, setting: str) -> dict[str, Any] | None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise ValueError(
-            f"{setting}={path} cannot be read ({str(error).splitlines()[0][:120]}): the file is truncated, "
+            f"{setting}={path} cannot be read ({str(error).splitlines()[0].split('. ')[0]}): the file is truncated, "
             "corrupt or not a checkpoint written by train.py; give another checkpoint (e.g. an earlier "
             "one from the same checkpoints/ folder)"
         ) from error
