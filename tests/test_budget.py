@@ -6,17 +6,20 @@ import json
 import pytest
 import torch
 
-from dpdit.privacy import epsilon_by_accountant, epsilon_of, steps_within_budget
+from dpdit.privacy import PrivacyConfig, epsilon_by_accountant, epsilon_of, steps_within_budget
+
+# the accountant a run uses unless told otherwise
+ACCOUNTANT = PrivacyConfig.accountant
 from dpdit.train import ConfigError, train
 
 Q = 64 / 1497
-# sigma 0.6 at q = 64/1497 spends 4.1 in one step, 4.8 in 3, 5.2 in 5 (RDP, delta 1e-5)
+# sigma 0.6 at q = 64/1497 spends 3.6 in one step, 4.2 in 3, 4.5 in 5 (PLD, delta 1e-5)
 SIGMA = "privacy.noise_multiplier=0.6"
 
 
 def budget_for(steps: int) -> float:
     """A target between the epsilon of `steps` and of `steps + 1` steps at sigma 0.6."""
-    return (epsilon_of([(0.6, Q, steps)], 1e-5, "rdp") + epsilon_of([(0.6, Q, steps + 1)], 1e-5, "rdp")) / 2
+    return (epsilon_of([(0.6, Q, steps)], 1e-5, ACCOUNTANT) + epsilon_of([(0.6, Q, steps + 1)], 1e-5, ACCOUNTANT)) / 2
 
 
 def read(path):
@@ -30,11 +33,11 @@ def checkpoint(path):
 def test_steps_within_budget_is_the_largest_count_that_fits():
     history = [(2.0, 0.1, 50)]  # epsilon 1.84
     for target in (2.0, 3.0, 5.0):
-        allowed = steps_within_budget(target, 1e-5, 2.0, 0.1, 10_000, "rdp", history)
-        assert epsilon_of([*history, (2.0, 0.1, allowed)], 1e-5, "rdp") <= target
-        assert epsilon_of([*history, (2.0, 0.1, allowed + 1)], 1e-5, "rdp") > target
-    assert steps_within_budget(100.0, 1e-5, 2.0, 0.1, 30, "rdp", history) == 30
-    assert steps_within_budget(1.5, 1e-5, 2.0, 0.1, 30, "rdp", history) == 0
+        allowed = steps_within_budget(target, 1e-5, 2.0, 0.1, 10_000, ACCOUNTANT, history)
+        assert epsilon_of([*history, (2.0, 0.1, allowed)], 1e-5, ACCOUNTANT) <= target
+        assert epsilon_of([*history, (2.0, 0.1, allowed + 1)], 1e-5, ACCOUNTANT) > target
+    assert steps_within_budget(100.0, 1e-5, 2.0, 0.1, 30, ACCOUNTANT, history) == 30
+    assert steps_within_budget(1.5, 1e-5, 2.0, 0.1, 30, ACCOUNTANT, history) == 0
 
 
 def test_training_stops_before_the_step_that_would_exceed_the_budget(make_config, tmp_path):
@@ -42,7 +45,7 @@ def test_training_stops_before_the_step_that_would_exceed_the_budget(make_config
     report = train(make_config(SIGMA, f"privacy.target_epsilon={target}", "trainer.max_steps=6"))
     written = read(tmp_path / "run" / "privacy_report.json")
     assert report["steps"] == written["steps"] == written["global_step"] == 3
-    assert written["epsilon"] <= target < epsilon_of([(0.6, Q, 4)], 1e-5, "rdp")
+    assert written["epsilon"] <= target < epsilon_of([(0.6, Q, 4)], 1e-5, ACCOUNTANT)
     assert written["stopped"].startswith("privacy budget") and f"{target:g}" in written["stopped"]
     assert checkpoint(tmp_path / "run")["privacy"]["history"] == [(0.6, Q, 3)]
 
@@ -70,7 +73,7 @@ def test_larger_batch_on_resume_stops_earlier(make_config, tmp_path):
     )
     assert resumed["history"] == [[0.6, Q, 2], [0.6, 128 / 1497, 1]]
     history = [tuple(h) for h in resumed["history"]]
-    assert resumed["epsilon"] <= target < epsilon_of([*history, (0.6, 128 / 1497, 1)], 1e-5, "rdp")
+    assert resumed["epsilon"] <= target < epsilon_of([*history, (0.6, 128 / 1497, 1)], 1e-5, ACCOUNTANT)
 
 
 def test_budget_stop_resumed_equals_uninterrupted(make_config, tmp_path, fixed_secret):
@@ -110,7 +113,7 @@ def test_fine_tuning_on_the_same_data_counts_the_earlier_spend(make_config, tmp_
     disjoint = train(make_config("privacy.target_epsilon=8", "trainer.max_steps=3", init, "privacy.init_data=disjoint", name="disjoint"))
 
     assert same["history"][0] == [earlier["noise_multiplier"], Q, 3] and same["steps"] == 6
-    assert same["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in same["history"]], 1e-5, "rdp"))
+    assert same["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in same["history"]], 1e-5, ACCOUNTANT))
     assert earlier["epsilon"] < same["epsilon"] <= 8.0
     assert same["noise_multiplier"] > fresh["noise_multiplier"] == disjoint["noise_multiplier"]
     assert same["init_checkpoint"]["steps_counted"] == 3 and disjoint["init_checkpoint"]["steps_counted"] == 0
@@ -166,7 +169,7 @@ def test_dashboard_logs_the_mechanism_and_clipping_diagnostics(make_config, tmp_
     report = read(tmp_path / "tight" / "privacy_report.json")
     assert len(rows["tight"]) == 3
     for step, row in enumerate(rows["tight"], start=1):
-        assert float(row["privacy/epsilon"]) == pytest.approx(epsilon_of([(report["noise_multiplier"], Q, step)], 1e-5, "rdp"))
+        assert float(row["privacy/epsilon"]) == pytest.approx(epsilon_of([(report["noise_multiplier"], Q, step)], 1e-5, ACCOUNTANT))
         assert float(row["privacy/noise_multiplier"]) == pytest.approx(report["noise_multiplier"])
         assert float(row["privacy/sample_rate"]) == pytest.approx(Q)
         assert float(row["privacy/max_grad_norm"]) == pytest.approx(1e-6)

@@ -10,8 +10,11 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from dpdit.privacy import epsilon_of
+from dpdit.privacy import PrivacyConfig, epsilon_of
 from dpdit.train import ConfigError, train
+
+# the accountant a run uses unless told otherwise
+ACCOUNTANT = PrivacyConfig.accountant
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -40,7 +43,7 @@ def test_short_run_writes_every_output(make_config, tmp_path, clipping):
     assert report["dataset_size"] == 1497 and report["expected_batch_size"] == pytest.approx(64)
     assert 0 < report["epsilon"] <= 10.0
     assert report["epsilon"] == pytest.approx(
-        epsilon_of([(report["noise_multiplier"], 64 / 1497, 2)], 1e-5, "rdp"), rel=1e-9
+        epsilon_of([(report["noise_multiplier"], 64 / 1497, 2)], 1e-5, ACCOUNTANT), rel=1e-9
     )
 
     samples = np.load(out / "samples.npz")

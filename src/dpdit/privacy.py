@@ -205,7 +205,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
-    accountant: str = "rdp"
+    accountant: str = "pld"
     clipping: str = "ghost"
     noise_multiplicity: int = 1
     secure_mode: bool = True
