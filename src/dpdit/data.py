@@ -227,7 +227,7 @@ class ImageDataModule(L.LightningDataModule):
         self.size = size
         self.num_workers = num_workers
         self.poisson_sampling = poisson_sampling
-        self.randomness = randomness or (PrivateRandomness.secret() if poisson_sampling else PrivateRandomness.seeded(0))
+        self.randomness = randomness or PrivateRandomness.create(secret=poisson_sampling)
         self.noise_schedule_end = noise_schedule_end
         self.vae = vae
         self.test_root = test_root

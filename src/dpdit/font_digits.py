@@ -4,7 +4,7 @@ No image of any dataset goes into them: only the fonts that ship with matplotlib
 dependency of dpdit) and those installed on the machine, so training on them costs no
 privacy. Whether such data is a fair public stand-in for your private data is yours to
 justify; for the UCI digits it is a realistic domain gap (a classifier trained on the real
-digits recognises about 42% of them).
+digits recognises about 37% of them).
 
 Each image is one numeral in one font, with a random rotation, scale, shift and stroke
 width, cropped to its ink and centred like the UCI digits (the numeral's longer side fills

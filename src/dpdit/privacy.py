@@ -463,7 +463,7 @@ class DPSGDTraining:
         randomness: PrivateRandomness | None = None,
     ):
         self.config = config
-        self.randomness = randomness or (PrivateRandomness.secret() if config.secure_mode else PrivateRandomness.seeded(0))
+        self.randomness = randomness or PrivateRandomness.create(secret=config.secure_mode)
         self.sample_rate = sample_rate
         self.dataset_size = dataset_size
         self.expected_batch_size = sample_rate * dataset_size

@@ -60,6 +60,11 @@ class PrivateRandomness:
     def seeded(cls, seed: int) -> PrivateRandomness:
         return cls(hashlib.sha256(f"dpdit seeded randomness {int(seed)}".encode()).digest(), "seeded")
 
+    @classmethod
+    def create(cls, secret: bool, seed: int = 0) -> PrivateRandomness:
+        """A new secret key, or the one `seed` gives."""
+        return cls.secret() if secret else cls.seeded(seed)
+
     @property
     def is_secret(self) -> bool:
         return self.kind == "secret"

@@ -148,14 +148,12 @@ def save_run_config(resolved: dict[str, Any], output_dir: str, resumed_step: int
 def run_randomness(config: PrivacyConfig, seed: int) -> PrivateRandomness:
     """Where a new run's batches and noise come from: a secret key under DP with
     `privacy.secure_mode` (a resumed run then takes its checkpoint's), the seed otherwise."""
-    if config.enabled and config.secure_mode:
-        return PrivateRandomness.secret()
-    if config.enabled:
+    if config.enabled and not config.secure_mode:
         log.warning(
             "privacy.secure_mode=false: batch membership and noise are derived from seed=%d; anyone "
             "with the config can regenerate the noise, so this run is not a private release", seed
         )
-    return PrivateRandomness.seeded(seed)
+    return PrivateRandomness.create(secret=config.enabled and config.secure_mode, seed=seed)
 
 
 def check_output_directory(output_dir: str, ckpt_path: str | None) -> None:
