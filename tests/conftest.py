@@ -7,6 +7,8 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 # A run small enough for two CPU cores: tiny model, a few steps, few samples.
 FAST = [
+    # from scratch: public stages are trained only where a test asks for a prior
+    "prior=none",
     "model.hidden_size=32",
     "model.depth=2",
     "model.num_heads=2",
@@ -26,10 +28,18 @@ def make_config(tmp_path):
     """Compose the real training config with overrides, writing into tmp_path/<name>."""
 
     def make(*overrides: str, name: str = "run", fast: bool = True, config_name: str = "train"):
+        # Runs train from scratch unless a test names a prior or an experiment; public stages it trains
+        # are cached in tmp_path, never in the user's cache.
+        names_prior = any(o.startswith(("prior=", "experiment=")) for o in overrides)
+        scratch = [] if names_prior else ["prior=none"]
+        fast_overrides = [o for o in FAST if not (names_prior and o.startswith("prior="))]
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
             return compose(
                 config_name=config_name,
-                overrides=[*(FAST if fast else []), f"paths.output_dir={tmp_path / name}", *overrides],
+                overrides=[
+                    *(fast_overrides if fast else scratch), f"paths.output_dir={tmp_path / name}",
+                    f"paths.cache_dir={tmp_path / 'cache'}", *overrides,
+                ],
             )
 
     return make

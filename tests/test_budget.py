@@ -199,7 +199,7 @@ def test_public_font_prior_then_dp_fine_tuning_counts_only_the_private_steps(mak
     assert prior["enabled"] is False
     report = train(
         make_config(
-            "experiment=digits_from_font_prior", f"init_ckpt_path={tmp_path / 'prior/checkpoints/last.ckpt'}",
+            "privacy.init_data=disjoint", f"init_ckpt_path={tmp_path / 'prior/checkpoints/last.ckpt'}",
             "trainer.max_steps=2", name="private",
         )
     )

@@ -32,7 +32,7 @@ from dpdit.inspect import (
     trace,
 )
 from dpdit.models import PretrainedDiT
-from dpdit.models.pretrained import FINETUNE
+from dpdit.models.finetune import PRETRAINED_RULES
 from dpdit.train import ConfigError
 
 
@@ -223,8 +223,8 @@ def test_pretrained_embedders_and_finetune_choices(make_inspect_config, tiny_pip
     assert not embedders["identical"] and embedders["max_abs_difference"] > 0
 
     finetune = {row["finetune"]: row for row in report["pretrained"]["finetune"]}
-    assert list(finetune) == list(FINETUNE) and finetune["attention"]["configured"]
-    for choice in FINETUNE:
+    assert list(finetune) == list(PRETRAINED_RULES.choices) and finetune["attention"]["configured"]
+    for choice in PRETRAINED_RULES.choices:
         built = PretrainedDiT.from_pretrained(str(tiny_pipeline), num_classes=3, finetune=choice)
         assert finetune[choice]["trainable"] == trainable(built), choice
     assert report["parameters"]["trainable"] == finetune["attention"]["trainable"] < report["parameters"]["total"]

@@ -219,7 +219,7 @@ def test_export_from_a_checkpoint(make_config, tiny_pipeline, tmp_path):
         (["model.vae_name_or_path=null"], "set model.vae_name_or_path"),
         (["data.image_size=32"], "set data.image_size=16"),
         (["model.labels=imagenet"], "model.class_ids"),
-        (["model.finetune=lora"], "model.finetune='lora' is unknown"),
+        (["model.finetune=bitfit"], "model.finetune='bitfit' is unknown"),
         (["data.channels=1"], "data.channels=1"),
         (["model.name_or_path=/no/such/dir"], "is not a directory"),
         (["model.name_or_path=facebook/DiT-XL-2-256", "model.local_files_only=true"], "hf download facebook/DiT-XL-2-256"),

@@ -27,7 +27,7 @@ def test_default_config_composes(make_config):
     cfg = make_config(fast=False)
     assert cfg.data.dataset == "digits"
     assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 10.0 and cfg.privacy.delta == 1e-5
-    assert cfg.model._target_ == "dpdit.models.DiT"
+    assert cfg.model._target_ == "dpdit.models.create_dit" and not cfg.model.pretrained
     assert cfg.trainer.use_distributed_sampler is False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -11,10 +12,12 @@ from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 
 from dpdit.cluster import Requeued
-from dpdit.export import export_pipeline, exportable
+from dpdit.export import export_pipeline, why_not_exportable
 from dpdit.files import write_json_atomically
 from dpdit.metrics import class_consistency
 from dpdit.sample import generate, save_samples
+
+log = logging.getLogger(__name__)
 
 
 def _json_number(value):
@@ -129,8 +132,8 @@ class SampleImages(L.Callback):
 
 
 class ExportPipeline(L.Callback):
-    """Saves the EMA weights of a pretrained diffusers DiT with its VAE as a DiTPipeline in
-    `<output_dir>/pipeline` at the end of training (other models have no pipeline form)."""
+    """Saves the EMA weights as a DiTPipeline in `<output_dir>/pipeline` at the end of
+    training (`dpdit.export`); a model without an exact DiTPipeline form is skipped."""
 
     def __init__(self, output_dir: str, scheduler: str = "ddim"):
         self.directory = Path(output_dir) / "pipeline"
@@ -138,6 +141,10 @@ class ExportPipeline(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.ema.module
-        if not trainer.is_global_zero or not exportable(model):
+        if not trainer.is_global_zero:
+            return
+        reason = why_not_exportable(model)
+        if reason is not None:
+            log.info("no DiTPipeline export: %s", reason)
             return
         export_pipeline(model, pl_module.diffusion, self.directory, trainer.datamodule.class_names, self.scheduler)

@@ -160,6 +160,13 @@ class GaussianDiffusion:
         eps_cond, eps_uncond = eps[:, :channels].chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
+    def sampling_scheduler(self, sampler: str, pixel_space: bool):
+        """A `sampler` (ddim, dpm or ddpm) scheduler of the training noise schedule."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sample.scheduler={sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+        # Clipping x0 to [-1, 1] suits pixels only; VAE latents range wider.
+        return SAMPLERS[sampler].from_config(self.scheduler.config, clip_sample=self.scheduler.config.clip_sample and pixel_space)
+
     @torch.no_grad()
     def sample(
         self,
@@ -172,11 +179,7 @@ class GaussianDiffusion:
         progress: bool = True,
     ) -> torch.Tensor:
         """Class-conditional samples in model space (pixels in [-1, 1], or latents), one per label."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sample.scheduler={sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
-        # Clipping x0 to [-1, 1] suits pixels only; VAE latents range wider.
-        pixel_space = model.vae is None
-        scheduler = SAMPLERS[sampler].from_config(self.scheduler.config, clip_sample=self.scheduler.config.clip_sample and pixel_space)
+        scheduler = self.sampling_scheduler(sampler, pixel_space=model.vae is None)
         scheduler.set_timesteps(num_steps)
         shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
         # in the model's precision: a 64-true run's model is float64

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.models import PretrainedDiT
-from dpdit.models.pretrained import FINETUNE
+from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity, gram_matrices_outweigh_gradient
 from dpdit.profile import VANILLA
 from dpdit.train import ConfigError, exit_on_config_error
@@ -427,17 +427,15 @@ def duplicated_embedders(model: PretrainedDiT) -> dict[str, Any]:
 
 
 def finetune_choices(model: PretrainedDiT) -> list[dict[str, Any]]:
-    """What each model.finetune choice trains, by the model's own selection."""
+    """What each model.finetune choice trains (LoRA at the model's rank), by the selection
+    the model itself uses, without changing the model."""
     total = count(model.parameters())
+    fresh = model.labels == "fresh"
     rows = []
-    try:
-        for choice in FINETUNE:
-            model._select_trainable(choice)
-            trainable = parameter_counts(model)["trainable"]
-            configured = choice == model.finetune
-            rows.append({"finetune": choice, "trainable": trainable, "share": trainable / total, "configured": configured})
-    finally:
-        model._select_trainable(model.finetune)
+    for choice in PRETRAINED_RULES.choices:
+        trainable = trained_weight_count(model, PRETRAINED_RULES, choice, model.lora_rank, train_class_tables=fresh)
+        configured = choice == model.finetune
+        rows.append({"finetune": choice, "trainable": trainable, "share": trainable / total, "configured": configured})
     return rows
 
 

@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from dpdit.diffusion import GaussianDiffusion
 from dpdit.distributed import check_replicas_identical
-from dpdit.privacy import DPSGDTraining, NonPrivateTraining, full_precision, mean_over_draws
+from dpdit.privacy import DPSGDTraining, NonPrivateTraining, check_parameters_held, full_precision, mean_over_draws
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -143,6 +143,9 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
+        # Lightning has moved the model to its device and made the optimizer: both must still
+        # see the same parameter objects, or the weights would silently never change.
+        check_parameters_held(self.model, self.optimizers().optimizer, self.privacy.hooks)
         # a resumed run whose budget is already spent takes no step
         if self.privacy.budget_exhausted:
             self.trainer.should_stop = True

@@ -357,6 +357,30 @@ def check_model_is_private(model: torch.nn.Module, clipping: str) -> None:
         )
 
 
+def check_parameters_held(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hooks=None) -> None:
+    """Fail unless `optimizer` (and ghost clipping's `hooks`, which keep their own list) hold
+    exactly the trainable parameter objects of `model`.
+
+    Opacus' hooks write per-sample gradients and norms onto the parameters the forward pass
+    uses; the optimizer clips, noises and steps the ones it was given. A parameter object
+    replaced after they were made (a model materialised from the meta device, moved by
+    creating new parameters, or given LoRA adapters afterwards: opacus#820) leaves them
+    stepping a stale copy, and the model's weights silently never change."""
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    holders = {"the optimizer": [p for group in optimizer.param_groups for p in group["params"]]}
+    if getattr(hooks, "trainable_parameters", None) is not None:
+        holders["Opacus' ghost clipping hook list"] = hooks.trainable_parameters
+    for holder, parameters in holders.items():
+        held = {id(p) for p in parameters}
+        if held != trainable.keys():
+            missing = sorted(name for key, name in trainable.items() if key not in held)
+            raise RuntimeError(
+                f"{holder} does not hold the model's trainable parameters ({', '.join(missing[:3]) or 'it holds others'}): "
+                "they were replaced after it was made, so training would never change them. Put the "
+                "model on its device, out of the meta device and with its adapters before training starts"
+            )
+
+
 def _sum_gradients_over_ranks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
         for parameter in group["params"]:
@@ -369,6 +393,7 @@ class NonPrivateTraining:
 
     enabled = False
     noise_multiplicity = 1  # one noise draw per image
+    hooks = None  # no per-sample gradients
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
@@ -607,6 +632,7 @@ class DPSGDTraining:
             "noise_multiplier": self.noise_multiplier,
             "history": list(self.accountant.history),
             "randomness": self.randomness.state_dict(),
+            "init_checkpoint": self.init_checkpoint,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -614,6 +640,7 @@ class DPSGDTraining:
         # (sigma, q, steps) entries mean the same to every accountant, so a run may
         # switch accountants on resume.
         self.accountant.history = [tuple(entry) for entry in state["history"]]
+        self.init_checkpoint = state.get("init_checkpoint")
         if "randomness" in state:
             self.randomness.load_state_dict(state["randomness"])
             if self.config.secure_mode and not self.randomness.is_secret:

@@ -25,7 +25,9 @@ from dpdit.cluster import resume_checkpoint
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.files import write_text_atomically
+from dpdit.models.finetune import weights_for
 from dpdit.module import DiffusionModule
+from dpdit.prior import prepare_prior, start_from_prior, uses_pretrained_model
 from dpdit.privacy import (
     DPSGDTraining,
     History,
@@ -71,13 +73,14 @@ def weights_under(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Te
 
 
 def initialise_from(model: torch.nn.Module, checkpoint: dict[str, Any], path: str, setting: str = "init_ckpt_path") -> None:
-    """Load the EMA weights of an earlier run (the weights its samples came from)."""
+    """Load the EMA weights of an earlier run (the weights its samples came from); a plain
+    run's weights go into the base layers of a model with LoRA adapters."""
     weights = weights_under(checkpoint, "ema.module.")
     if not weights:
         raise ValueError(f"{setting}={path} holds no EMA weights: give a checkpoint written by train.py")
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
+        model.load_state_dict(weights_for(model, weights))
+    except (RuntimeError, ValueError) as error:
         raise ValueError(
             f"{setting}={path} does not fit this model ({str(error).splitlines()[0]}): "
             "set model=... and its sizes as in the run that wrote it"
@@ -184,7 +187,7 @@ def check_data_matches_model(datamodule: ImageDataModule, model: torch.nn.Module
         raise ValueError(
             f"data={datamodule.dataset} gives images of shape {tuple(image.shape)} (C, H, W) but the "
             f"model expects {expected}: set data.channels/data.image_size to match the data, "
-            "or model.in_channels/model.input_size to match the model"
+            "or model.in_channels/model.image_size to match the model"
         )
 
 
@@ -286,13 +289,17 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
             "ckpt_path and init_ckpt_path are both set: ckpt_path resumes a run, "
             "init_ckpt_path starts a new one from another run's weights; give one"
         )
-    resumed = read_checkpoint(cfg.ckpt_path, "ckpt_path")
-    initial = read_checkpoint(cfg.init_ckpt_path, "init_ckpt_path")
-    L.seed_everything(cfg.seed, workers=True)
-
     privacy_config = PrivacyConfig(**OmegaConf.to_container(cfg.privacy, resolve=True))
     if privacy_config.enabled:
         check_precision(cfg.trainer.precision, privacy_config.clipping)
+    # A new run (not a resume, not from a given checkpoint) starts from the public prior.
+    prior = None
+    if cfg.get("prior") is not None and cfg.ckpt_path is None and cfg.init_ckpt_path is None:
+        prior = prepare_prior(cfg, train)
+        start_from_prior(cfg, prior)
+    resumed = read_checkpoint(cfg.ckpt_path, "ckpt_path")
+    initial = read_checkpoint(cfg.init_ckpt_path, "init_ckpt_path")
+    L.seed_everything(cfg.seed, workers=True)
     # The model first: a pretrained one brings the VAE that encodes the data.
     model = instantiate(cfg.model)
     if resumed is not None:
@@ -307,7 +314,14 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     check_data_matches_model(datamodule, model)
     inherited = inherited_history(privacy_config, initial, cfg.init_ckpt_path) if initial and privacy_config.enabled else []
     privacy = make_privacy(privacy_config, datamodule, cfg.trainer.max_steps, resumed, inherited)
-    if initial is not None and privacy.enabled:
+    if prior is not None and privacy.enabled:
+        privacy.init_checkpoint = {
+            "path": prior["pipeline"] if uses_pretrained_model(cfg) else prior["checkpoint"],
+            "data": "disjoint",
+            "steps_counted": 0,
+            "public_prior": prior,
+        }
+    elif initial is not None and privacy.enabled:
         privacy.init_checkpoint = {"path": str(cfg.init_ckpt_path), "data": privacy_config.init_data, "steps_counted": steps_of(inherited)}
     if privacy.enabled:
         check_model_is_private(model, privacy_config.clipping)

@@ -13,6 +13,10 @@ Opacus compute per-sample gradients (hooks) and per-sample gradient norms
 * the position embedding is a fixed, non-persistent buffer;
 * no label dropout inside the model: for classifier-free guidance the caller
   replaces labels by ``null_class``, so forward is deterministic.
+
+With ``mlp_ratio=4`` and ``timestep_convention="diffusers"`` the model computes exactly what
+diffusers' ``DiTTransformer2DModel`` computes, and exports as a ``DiTPipeline``
+(``dpdit.export``).
 """
 
 import math
@@ -85,10 +89,17 @@ class PatchEmbed(nn.Module):
         return self.proj(patchify(x, self.patch_size))
 
 
-class TimestepEmbedder(nn.Module):
-    """Embeds scalar timesteps into vector representations."""
+# How the timestep frequencies exp(-ln(max_period) * i / (half - shift)) are spaced: the
+# official DiT divides by half, diffusers' DiTTransformer2DModel (Timesteps with
+# downscale_freq_shift=1) by half - 1.
+TIMESTEP_FREQUENCY_SHIFTS = {"dit": 0, "diffusers": 1}
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar timesteps into vector representations; `convention` is a key of
+    `TIMESTEP_FREQUENCY_SHIFTS`."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, convention: str = "dit"):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
@@ -96,14 +107,19 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self.frequency_shift = TIMESTEP_FREQUENCY_SHIFTS[convention]
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    def timestep_embedding(
+        t: torch.Tensor, dim: int, max_period: int = 10000, frequency_shift: int = 0
+    ) -> torch.Tensor:
         """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps t [B];
         max_period sets the lowest frequency."""
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+            -math.log(max_period)
+            * torch.arange(half, dtype=torch.float32, device=t.device)
+            / (half - frequency_shift)
         )
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -112,7 +128,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, frequency_shift=self.frequency_shift)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -200,6 +216,8 @@ class DiT(nn.Module):
     ``learn_sigma`` doubles the output channels (epsilon, then the variance interpolation
     of Improved DDPM). ``label_embedding_std`` is the class table's initial scale: the
     official 0.02 suits long runs, short runs learn conditioning faster with larger values.
+    ``timestep_convention`` spaces the timestep frequencies as the official DiT (``dit``) or
+    as diffusers' DiTTransformer2DModel (``diffusers``, which an exact DiTPipeline export needs).
     """
 
     # The frozen VAE whose latents the model works on (set by `create_dit`); None: pixels.
@@ -217,6 +235,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         label_embedding_std: float = 0.02,
+        timestep_convention: str = "dit",
     ):
         super().__init__()
         if in_channels < 1:
@@ -233,8 +252,18 @@ class DiT(nn.Module):
             )
         if num_classes < 1:
             raise ValueError(f"model num_classes is {num_classes}: set data.num_classes to at least 1")
+        if timestep_convention not in TIMESTEP_FREQUENCY_SHIFTS:
+            raise ValueError(
+                f"model.timestep_convention={timestep_convention!r} is unknown: choose dit (the official "
+                "DiT's timestep frequencies) or diffusers (diffusers' DiTTransformer2DModel's, needed to "
+                "export the model as a DiTPipeline)"
+            )
         self.input_size = input_size
         self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.timestep_convention = timestep_convention
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.num_classes = num_classes
@@ -243,7 +272,7 @@ class DiT(nn.Module):
         self.label_embedding_std = label_embedding_std
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, convention=timestep_convention)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         pos_embed = get_2d_sincos_pos_embed(hidden_size, input_size // patch_size)
         self.register_buffer("pos_embed", pos_embed.unsqueeze(0), persistent=False)

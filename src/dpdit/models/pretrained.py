@@ -20,10 +20,10 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from torch import nn
 
 from dpdit.models.dit import DiT, modulate, unpatchify
+from dpdit.models.finetune import DIT_RULES, PRETRAINED_RULES, apply_finetune
 
 DEFAULT_DIT = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-FINETUNE = ("full", "attention", "frozen_embedders")
 LABELS = ("fresh", "imagenet", "none")
 
 
@@ -129,9 +129,12 @@ class PretrainedDiT(nn.Module):
             class table, started at the null row (the unconditional model); `imagenet` maps
             class k onto ImageNet id `class_ids[k]`; `none` trains unconditionally.
         class_ids: ImageNet ids for `labels=imagenet`.
-        finetune: `full`; `attention` (q, k, v and output projections, as DP-LDM);
-            `frozen_embedders` (all but the per-block timestep and class embedders). With
-            `labels=fresh` the class tables are always trained: their new rows must learn.
+        finetune: what trains (`dpdit.models.finetune`): `full`; `attention` (q, k, v and
+            output projections, as DP-LDM); `adaln` (each block's `norm1.linear` and
+            `proj_out_1`); `lora` (adapters of rank `lora_rank` and scale `lora_alpha` /
+            `lora_rank` on the attention and MLP projections); `frozen_embedders` (all but
+            the per-block timestep and class embedders). With `labels=fresh` the class
+            tables are always trained: their new rows must learn.
         learn_sigma: also train the variance half of the output with the variational bound;
             otherwise only the epsilon half is trained and the variance half is kept.
     """
@@ -146,6 +149,8 @@ class PretrainedDiT(nn.Module):
         class_ids: Sequence[int] | None = None,
         finetune: str = "full",
         learn_sigma: bool = False,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
     ):
         super().__init__()
         config = transformer.config
@@ -165,8 +170,7 @@ class PretrainedDiT(nn.Module):
         self.register_buffer("table_rows", self._table_rows(num_classes, labels, class_ids, config.num_embeds_ada_norm), persistent=False)
         if labels == "fresh":
             self._start_fresh_rows(num_classes)
-        self.finetune = finetune
-        self._select_trainable(finetune)
+        apply_finetune(self, PRETRAINED_RULES, finetune, lora_rank, lora_alpha, train_class_tables=labels == "fresh")
         # from_pretrained returns eval mode, Lightning keeps submodules' modes, and Opacus
         # records activations only in train mode.
         self.train()
@@ -208,22 +212,6 @@ class PretrainedDiT(nn.Module):
     def class_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
         """The rows of `labels` in every block's class table, side by side: [n, blocks x width]."""
         return torch.cat([table.weight[self.table_rows[labels]] for table in self.class_tables()], dim=1)
-
-    def _select_trainable(self, finetune: str) -> None:
-        if finetune not in FINETUNE:
-            raise ValueError(f"model.finetune={finetune!r} is unknown: choose one of {', '.join(FINETUNE)}")
-        blocks = self.transformer.transformer_blocks
-        self.transformer.requires_grad_(finetune != "attention")
-        if finetune == "attention":
-            for block in blocks:
-                for layer in (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v, block.attn1.to_out[0]):
-                    layer.requires_grad_(True)
-        if finetune == "frozen_embedders":
-            for block in blocks:
-                block.norm1.emb.requires_grad_(False)
-        if self.labels == "fresh":
-            for table in self.class_tables():
-                table.requires_grad_(True)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_DIT, cache_dir=None, local_files_only=False, **kwargs) -> PretrainedDiT:
@@ -273,6 +261,9 @@ def create_dit(
     vae_name_or_path: str | None = None,
     cache_dir: str | None = None,
     local_files_only: bool = False,
+    finetune: str = "full",
+    lora_rank: int = 4,
+    lora_alpha: float | None = None,
     **kwargs,
 ) -> nn.Module:
     """The denoiser for images of `in_channels` x `image_size`^2.
@@ -281,7 +272,9 @@ def create_dit(
     `pretrained=True` loads a diffusers DiT (`name_or_path` and `PretrainedDiT`'s arguments
     in `kwargs`). With `vae_name_or_path` the images are encoded by that frozen VAE and the
     model works on its latents; the VAE rides along as `model.vae` (None without one).
+    `finetune`, `lora_rank` and `lora_alpha` choose what trains (`dpdit.models.finetune`).
     """
+    tuning = {"finetune": finetune, "lora_rank": lora_rank, "lora_alpha": lora_alpha}
     vae = load_vae(vae_name_or_path, cache_dir, local_files_only) if vae_name_or_path else None
     if vae is not None and in_channels != vae.image_channels:
         raise ValueError(
@@ -289,7 +282,7 @@ def create_dit(
         )
     channels, size = (vae.latent_channels, vae.latent_size(image_size)) if vae else (in_channels, image_size)
     if pretrained:
-        model = PretrainedDiT.from_pretrained(cache_dir=cache_dir, local_files_only=local_files_only, **kwargs)
+        model = PretrainedDiT.from_pretrained(cache_dir=cache_dir, local_files_only=local_files_only, **tuning, **kwargs)
         if model.in_channels != channels:
             raise ValueError(
                 f"the pretrained DiT expects {model.in_channels}-channel latents but gets {channels}-channel "
@@ -305,5 +298,8 @@ def create_dit(
             )
     else:
         model = DiT(input_size=size, in_channels=channels, **kwargs)
+        # The class table trains with every choice: fine-tuning onto new data must be able
+        # to move the class conditioning.
+        apply_finetune(model, DIT_RULES, **tuning, train_class_tables=True)
     model.vae = vae
     return model

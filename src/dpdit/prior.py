@@ -1,0 +1,171 @@
+"""The public prior: a non-private training stage on public data that DP fine-tuning starts from.
+
+Pretraining on public data, then fine-tuning under DP, is what makes DP image models useful
+(DPImageBench's leaders, PrivImage, DP-LoRA and PDP-Diffusion, all do it). The `prior`
+config node names the public stage: an experiment of its own (e.g. `font_digits_pretrain`:
+digits rendered from fonts, no private image), run without privacy with this run's model
+and image shape. Its result is cached under `prior.cache_dir`, in a folder named by a hash
+of every setting that shapes its weights, so it is trained once and reused by every later
+run; an interrupted public stage resumes from its last checkpoint.
+
+The private run then starts from it: dpdit's own DiT from its EMA weights (as
+`init_ckpt_path`), a diffusers DiT (`model=pretrained`) from its exported DiTPipeline (as
+`model.name_or_path`). The public stage saw no private image, so `privacy.init_data` is
+`disjoint`: its training spends nothing of this run's budget, and the privacy report says
+which checkpoint the run started from and that its steps were not counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dpdit.files import write_json_atomically
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# Written last: a public stage without it was interrupted and is resumed, never reused.
+COMPLETE = "prior.json"
+# Settings that do not change the public stage's weights: where it runs and what it writes.
+NOT_SHAPING_WEIGHTS = ("paths", "logger", "callbacks", "hydra", "prior", "sample", "ckpt_path", "init_ckpt_path")
+TRAINER_NOT_SHAPING_WEIGHTS = (
+    "accelerator", "devices", "num_nodes", "strategy", "plugins", "default_root_dir",
+    "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+)
+# What the public stage copies from the private run's data: the image shape, the classes, and
+# the noise schedule the model learns to invert (it suits the image size)
+IMAGE_SETTINGS = ("image_size", "channels", "num_classes", "noise_schedule_end")
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """The `train` config with `overrides`, inside a running Hydra app or outside one."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def uses_pretrained_model(cfg: DictConfig) -> bool:
+    return bool(cfg.model.get("pretrained", False))
+
+
+def check_prior_settings(cfg: DictConfig) -> None:
+    """Fail, before any training, where the public prior cannot serve this run."""
+    prior = cfg.prior
+    if cfg.data.dataset not in prior.datasets:
+        raise ValueError(
+            f"prior={prior.experiment} is a public prior for data={'|'.join(prior.datasets)}, not for "
+            f"data={cfg.data.dataset}: train from scratch with prior=none, or give a public stage of "
+            "your own (prior.experiment=<an experiment on public data>, prior.datasets=[...])"
+        )
+    if cfg.privacy.enabled and cfg.privacy.init_data != "disjoint":
+        raise ValueError(
+            f"privacy.init_data={cfg.privacy.init_data} with prior={prior.experiment}: the public prior never "
+            "saw this run's data, so its training is not counted; leave privacy.init_data=disjoint"
+        )
+    if uses_pretrained_model(cfg) and prior.model is None:
+        raise ValueError(
+            "model=pretrained with a public prior: say which dpdit DiT the public stage trains and exports "
+            "as the DiTPipeline this run fine-tunes, e.g. prior.model=dit_tiny (or prior=none)"
+        )
+
+
+def public_stage_config(cfg: DictConfig) -> DictConfig:
+    """The public stage: `prior.experiment` without privacy, with this run's image shape,
+    classes, noise schedule and model (or the model config `prior.model`, when this run
+    fine-tunes a diffusers DiT), the whole model trained."""
+    prior = cfg.prior
+    overrides = [
+        f"experiment={prior.experiment}",
+        "prior=none",
+        "privacy=none",
+        *[f"data.{key}={cfg.data[key]}" for key in IMAGE_SETTINGS],
+        *([f"model={prior.model}"] if prior.model is not None else []),
+        *prior.overrides,
+    ]
+    public = compose_train_config(overrides)
+    with open_dict(public):
+        if prior.model is None:
+            public.model = OmegaConf.create(OmegaConf.to_container(cfg.model))
+        # the public stage trains the whole model: no fine-tuning choice applies, none keys it
+        for key in ("lora_alpha", "lora_rank", "finetune"):
+            public.model.pop(key, None)
+        public.seed = prior.seed
+    return public
+
+
+def weights_key(public: DictConfig) -> str:
+    """A hash of every setting of the public stage that shapes its weights."""
+    settings = OmegaConf.to_container(public)
+    # dropped before resolving: they point at the run directory, which is not known yet
+    paths = {key: value for key, value in settings["paths"].items() if key != "output_dir"}
+    for key in NOT_SHAPING_WEIGHTS:
+        settings.pop(key, None)
+    for key in TRAINER_NOT_SHAPING_WEIGHTS:
+        settings["trainer"].pop(key, None)
+    # kept for resolving: the data root (a public dataset's folder) may refer to them
+    settings = OmegaConf.to_container(OmegaConf.create({**settings, "paths": paths}), resolve=True)
+    settings["dpdit"] = version("dpdit")
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
+    """Train the public stage with `train` unless a complete one is cached; returns its record
+    (the folder, checkpoint and, when exported, DiTPipeline folder)."""
+    check_prior_settings(cfg)
+    prior = cfg.prior
+    cache_dir = Path(prior.cache_dir).expanduser()
+    public = public_stage_config(cfg)
+    directory = cache_dir / f"{prior.experiment}-{weights_key(public)}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One process trains the public stage; the others (ranks, parallel runs) wait and reuse it.
+    with FileLock(f"{directory}.lock"):
+        record_path = directory / COMPLETE
+        if record_path.is_file():
+            log.info("public prior: reusing %s (trained without privacy on public data=%s)", directory, public.data.dataset)
+            return json.loads(record_path.read_text())
+        last = directory / "checkpoints" / "last.ckpt"
+        with open_dict(public):
+            public.paths.output_dir = str(directory)
+            public.ckpt_path = str(last) if last.is_file() else None
+        log.info(
+            "public prior: training the model on public data=%s WITHOUT privacy (no private image goes in, so "
+            "it spends no privacy) for %d steps into %s; later runs with the same settings reuse it",
+            public.data.dataset, public.trainer.max_steps, directory,
+        )
+        train(public)
+        record = {
+            "experiment": prior.experiment,
+            "data": public.data.dataset,
+            "steps": int(public.trainer.max_steps),
+            "directory": str(directory),
+            "checkpoint": str(last),
+            "pipeline": str(directory / "pipeline") if (directory / "pipeline" / "model_index.json").is_file() else None,
+            "note": "trained without privacy on public data only: no private image went in, no privacy was spent",
+        }
+        write_json_atomically(record_path, record)
+        return record
+
+
+def start_from_prior(cfg: DictConfig, record: dict[str, Any]) -> None:
+    """Point this run at the public stage's weights: its checkpoint for dpdit's DiT, its
+    DiTPipeline folder for a diffusers DiT."""
+    if not uses_pretrained_model(cfg):
+        cfg.init_ckpt_path = record["checkpoint"]
+        return
+    if record["pipeline"] is None:
+        raise ValueError(
+            f"the public prior in {record['directory']} has no DiTPipeline export to fine-tune with model=pretrained: "
+            f"give prior.model a dpdit DiT that exports (see python -m dpdit.export)"
+        )
+    cfg.model.name_or_path = record["pipeline"]
