@@ -187,10 +187,10 @@ def test_hooks_memory_is_what_opacus_holds(make_inspect_config, draws):
         # an 8x8 image in 2x2 patches
         ghost_peak = 3 * 16**2 * 4
     else:
-        # over 3 x 16 tokens, two Gram matrices (2 x 48^2 values) outweigh attn.qkv's 32 x 96
-        # weight, so its per-image gradient (weight and bias) is formed instead
-        ghost_peak = (32 * 96 + 96) * 4
-        assert memory["ghost_peak_layer"].endswith("attn.qkv")
+        # over 3 x 16 tokens, two Gram matrices (2 x 48^2 values) outweigh mlp.fc1's 32 x 128
+        # weight, so its per-image gradient (weight and bias), the largest, is formed instead
+        ghost_peak = (32 * 128 + 128) * 4
+        assert memory["ghost_peak_layer"].endswith("mlp.fc1")
     assert memory["bytes"]["ghost"] == memory["ghost_norm_bytes"] + batch * ghost_peak < held
     assert memory["bytes"]["vanilla"] == 0
 

@@ -82,6 +82,9 @@ def test_training_from_scratch_is_one_override_away(make_config):
     [
         (("data=fake",), "prior=none"),
         (("privacy.init_data=same",), "privacy.init_data=disjoint"),
+        # this run's own settings, checked before the public stage trains
+        (("privacy.max_grad_norm=-1",), "privacy.max_grad_norm"),
+        (("data.batch_size=5000",), "data.batch_size"),
     ],
 )
 def test_a_prior_that_cannot_serve_the_run_is_refused_before_any_training(make_config, tmp_path, overrides, named):

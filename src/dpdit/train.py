@@ -191,6 +191,14 @@ def check_data_matches_model(datamodule: ImageDataModule, model: torch.nn.Module
         )
 
 
+def check_own_data(data: DictConfig, privacy_config: PrivacyConfig) -> None:
+    """What this run's own images allow checking before a public stage trains for minutes:
+    that they are there, that the batches fit them, and the privacy settings for their number."""
+    images = instantiate(data, poisson_sampling=False)
+    check_batches(images)
+    privacy_config.validate(images.dataset_size)
+
+
 def make_privacy(
     config: PrivacyConfig,
     datamodule: ImageDataModule,
@@ -295,6 +303,7 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     # A new run (not a resume, not from a given checkpoint) starts from the public prior.
     prior = None
     if cfg.get("prior") is not None and cfg.ckpt_path is None and cfg.init_ckpt_path is None:
+        check_own_data(cfg.data, privacy_config)
         prior = prepare_prior(cfg, train)
         start_from_prior(cfg, prior)
     resumed = read_checkpoint(cfg.ckpt_path, "ckpt_path")
