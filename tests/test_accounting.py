@@ -104,12 +104,14 @@ GRID = [(target, q, steps) for target in (1.0, 3.0, 10.0) for q in (0.01, 0.2, 0
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.slow
 def test_calibration_never_exceeds_the_target_over_a_grid(accountant):
     for target, q, steps in GRID:
         sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant)
         assert epsilon_of([(sigma, q, steps)], 1e-5, accountant) <= target, (target, q, steps)
 
 
+@pytest.mark.slow
 def test_prv_calibration_never_exceeds_the_target():
     # PRV costs about a second per evaluation: a corner of the grid
     for target, q, steps in [(1.0, 0.01, 500), (10.0, 0.57, 10), (3.0, 0.2, 500)]:

@@ -13,7 +13,7 @@ from scipy import stats
 
 from conftest import CONFIGS, FAST
 from dpdit.audit import audit_scores, epsilon_lower_bound, p_value, run_audit
-from dpdit.train import ConfigError
+from dpdit.cli import ConfigError
 
 
 def test_p_value_without_delta_is_the_randomized_response_tail():
@@ -104,6 +104,7 @@ def test_bad_audit_settings_are_refused_before_training(tmp_path, override, mess
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_audit_command_line_writes_its_report(tmp_path):
     overrides = [*FAST, "audit.canaries=20", "audit.guesses=[10,20]", "audit.draws=2", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run(

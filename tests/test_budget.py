@@ -10,7 +10,8 @@ from dpdit.privacy import PrivacyConfig, epsilon_by_accountant, epsilon_of, step
 
 # the accountant a run uses unless told otherwise
 ACCOUNTANT = PrivacyConfig.accountant
-from dpdit.train import ConfigError, train
+from dpdit.cli import ConfigError
+from dpdit.train import train
 
 Q = 64 / 1497
 # sigma 0.6 at q = 64/1497 spends 3.6 in one step, 4.2 in 3, 4.5 in 5 (PLD, delta 1e-5)
@@ -50,6 +51,7 @@ def test_training_stops_before_the_step_that_would_exceed_the_budget(make_config
     assert checkpoint(tmp_path / "run")["privacy"]["history"] == [(0.6, Q, 3)]
 
 
+@pytest.mark.slow
 def test_raising_max_steps_on_resume_stops_at_the_budget(make_config, tmp_path):
     """The resumed run keeps its calibrated sigma; the two extra steps would overspend."""
     first = train(make_config("trainer.max_steps=3", name="first"))
@@ -105,6 +107,7 @@ def test_spent_budget_takes_no_step_and_loses_nothing(make_config, tmp_path):
         assert torch.equal(value, after["state_dict"][key]), key
 
 
+@pytest.mark.slow
 def test_fine_tuning_on_the_same_data_counts_the_earlier_spend(make_config, tmp_path):
     earlier = train(make_config("privacy.target_epsilon=5", "trainer.max_steps=3", name="earlier"))
     init = f"init_ckpt_path={tmp_path / 'earlier/checkpoints/last.ckpt'}"
@@ -151,6 +154,7 @@ INIT_ERRORS = {
 
 
 @pytest.mark.parametrize("overrides, message", INIT_ERRORS.values(), ids=INIT_ERRORS.keys())
+@pytest.mark.slow
 def test_bad_fine_tuning_start_is_refused_before_training(make_config, tmp_path, overrides, message):
     train(make_config(name="earlier"))
     ckpt = tmp_path / "earlier" / "checkpoints" / "last.ckpt"
@@ -159,6 +163,7 @@ def test_bad_fine_tuning_start_is_refused_before_training(make_config, tmp_path,
     assert not (tmp_path / "next" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_dashboard_logs_the_mechanism_and_clipping_diagnostics(make_config, tmp_path):
     train(make_config("trainer.max_steps=3", "privacy.max_grad_norm=1e-6", name="tight"))
     train(make_config("trainer.max_steps=3", "privacy.max_grad_norm=1e6", name="loose"))
@@ -178,6 +183,7 @@ def test_dashboard_logs_the_mechanism_and_clipping_diagnostics(make_config, tmp_
     assert all(float(row["nonprivate/clipped_fraction"]) == 0.0 for row in rows["loose"])
 
 
+@pytest.mark.slow
 def test_report_compares_the_accountants(make_config, tmp_path):
     report = train(make_config("privacy.accountant=prv"))
     history = [tuple(h) for h in report["history"]]
@@ -186,6 +192,7 @@ def test_report_compares_the_accountants(make_config, tmp_path):
     assert read(tmp_path / "run" / "privacy_report.json")["stopped"] == "trainer.max_steps=2 reached"
 
 
+@pytest.mark.slow
 def test_wandb_run_carries_the_report_and_resolved_config(make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     train(make_config("logger=default", "sample.num_per_class=1"))
@@ -194,6 +201,7 @@ def test_wandb_run_carries_the_report_and_resolved_config(make_config, tmp_path,
     assert "${" not in (files / "config_resolved.yaml").read_text() and "target_epsilon: 10.0" in (files / "config_resolved.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_public_font_prior_then_dp_fine_tuning_counts_only_the_private_steps(make_config, tmp_path):
     prior = train(make_config("experiment=font_digits_pretrain", "data.size=64", name="prior"))
     assert prior["enabled"] is False

@@ -17,7 +17,8 @@ from conftest import CONFIGS
 from dpdit.cluster import Requeued
 from dpdit.distributed import DPDDPStrategy
 from dpdit.module import DiffusionModule
-from dpdit.train import ConfigError, make_trainer, setup, train
+from dpdit.cli import ConfigError
+from dpdit.train import make_trainer, setup, train
 
 
 def compose_train(*overrides, hydra=False):
@@ -94,6 +95,7 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 def test_time_limit_signal_saves_requeues_and_resumes_like_an_uninterrupted_run(make_config, fake_slurm, monkeypatch, tmp_path, fixed_secret):
     overrides = ("trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=1000")
     uninterrupted = make_config(*overrides, name="uninterrupted")

@@ -134,6 +134,7 @@ def run_train(tmp_path, name, *overrides):
     return run_dir
 
 
+@pytest.mark.slow
 def test_ddp_command_reports_what_one_process_reports(tmp_path):
     """`python train.py trainer=ddp trainer.devices=2`: Lightning starts the second rank;
     the report (written once) equals the single process's for the same global batches

@@ -33,7 +33,7 @@ from dpdit.inspect import (
 )
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES
-from dpdit.train import ConfigError
+from dpdit.cli import ConfigError
 
 
 @pytest.fixture

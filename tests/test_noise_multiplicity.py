@@ -107,6 +107,7 @@ def test_accounting_does_not_depend_on_the_number_of_draws(draws):
     assert privacy.accountant.history == [(1.3, 1.0, 2)]
 
 
+@pytest.mark.slow
 def test_calibrated_noise_does_not_depend_on_the_number_of_draws(make_config):
     from dpdit.train import setup
 
@@ -116,7 +117,8 @@ def test_calibrated_noise_does_not_depend_on_the_number_of_draws(make_config):
 
 @pytest.mark.parametrize("draws", [0, -2, 1.5])
 def test_invalid_noise_multiplicity_is_refused_before_training(make_config, draws):
-    from dpdit.train import ConfigError, setup
+    from dpdit.cli import ConfigError
+    from dpdit.train import setup
 
     with pytest.raises(ConfigError, match=f"privacy.noise_multiplicity={draws} must be a whole number >= 1"):
         setup(make_config(f"privacy.noise_multiplicity={draws}"))

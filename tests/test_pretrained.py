@@ -17,7 +17,8 @@ from dpdit.export import ema_state, export_run
 from dpdit.export import main as export_main
 from dpdit.models import FrozenVAE, PretrainedDiT
 from dpdit.sample import run_sampling
-from dpdit.train import ConfigError, setup, train
+from dpdit.cli import ConfigError
+from dpdit.train import setup, train
 
 BATCH = 6
 
@@ -170,6 +171,7 @@ def test_train_fine_tunes_and_exports_a_dit_pipeline(make_config, tiny_pipeline,
     assert sampled["images"].shape == (3, 3, 16, 16) and sampled["labels"].tolist() == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_latent_cache_is_written_once_and_reused(make_config, tiny_pipeline, tmp_path, monkeypatch):
     cache = tmp_path / "latents"
     train(make_config(*run_overrides(tiny_pipeline, cache), name="first", fast=False))

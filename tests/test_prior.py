@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from dpdit.train import ConfigError, train, weights_under
+from dpdit.cli import ConfigError
+from dpdit.train import train, weights_under
 
 # The public stage at test size: 64 font digits, 2 steps.
 PUBLIC_OVERRIDES = [
@@ -20,6 +21,7 @@ def prior_folders(tmp_path):
     return sorted(p for p in (tmp_path / "cache" / "priors").iterdir() if p.is_dir())
 
 
+@pytest.mark.slow
 def test_a_new_run_fine_tunes_from_the_public_prior_trained_once(make_config, tmp_path):
     first = train(make_config(*PUBLIC, *PRIVATE, name="first"))
     [folder] = prior_folders(tmp_path)
@@ -47,6 +49,7 @@ def test_a_new_run_fine_tunes_from_the_public_prior_trained_once(make_config, tm
     assert second["init_checkpoint"]["path"] == start["path"]
 
 
+@pytest.mark.slow
 def test_the_prior_is_cached_by_the_settings_that_shape_its_weights(make_config, tmp_path):
     train(make_config(*PUBLIC, *PRIVATE, name="a"))
     # another number of public steps is another prior
@@ -58,6 +61,7 @@ def test_the_prior_is_cached_by_the_settings_that_shape_its_weights(make_config,
     assert len(prior_folders(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_an_interrupted_public_stage_is_resumed_not_reused(make_config, tmp_path):
     train(make_config(*PUBLIC, *PRIVATE, name="a"))
     [folder] = prior_folders(tmp_path)
@@ -72,6 +76,7 @@ def test_an_interrupted_public_stage_is_resumed_not_reused(make_config, tmp_path
         assert torch.equal(value, weights_under(after, "ema.module.")[key])
 
 
+@pytest.mark.slow
 def test_training_from_scratch_is_one_override_away(make_config):
     report = train(make_config("prior=none"))
     assert report["init_checkpoint"] is None
@@ -93,6 +98,7 @@ def test_a_prior_that_cannot_serve_the_run_is_refused_before_any_training(make_c
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_the_diffusers_path_fine_tunes_the_public_stage_exported_as_a_dit_pipeline(make_config, tmp_path):
     small = (
         "data.batch_size=64", "data.physical_batch_size=32", "logger=csv", "sample.num_per_class=1", "sample.steps=2",

@@ -201,7 +201,8 @@ def test_bf16_mixed_clips_in_float32(seed):
     ],
 )
 def test_precisions_that_break_the_dp_step_are_refused(make_config, precision, clipping, message):
-    from dpdit.train import ConfigError, setup
+    from dpdit.cli import ConfigError
+    from dpdit.train import setup
 
     with pytest.raises(ConfigError, match=message):
         setup(make_config(f"trainer.precision={precision}", f"privacy.clipping={clipping}"))

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIGS
 from dpdit.profile import build, find_max_batch, largest_fitting, run_profile, run_steps
-from dpdit.train import ConfigError
+from dpdit.cli import ConfigError
 
 TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "profile.warmup=1", "profile.num_iter=2"]
 
@@ -24,6 +24,7 @@ def profile_config(tmp_path):
     return make
 
 
+@pytest.mark.slow
 def test_tiny_profile_writes_records_table_and_chart(profile_config, tmp_path):
     results = run_profile(profile_config("profile.modes=[vanilla,hooks,ghost]", "profile.batch_sizes=[4]"))
 
@@ -100,6 +101,7 @@ def test_max_batch_search_finds_the_threshold_in_few_tries(threshold):
     assert len(tried) == len(set(tried)) <= 2 * 7
 
 
+@pytest.mark.slow
 def test_max_batch_tries_run_in_fresh_processes_against_the_memory_limit(profile_config):
     roomy = find_max_batch(dict_of(profile_config("profile.memory_limit_gib=1000", "profile.max_batch=2")), "ghost")
     assert roomy["batch_size"] == 2

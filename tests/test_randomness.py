@@ -52,6 +52,7 @@ def test_seeded_noise_is_exactly_what_the_seed_predicts():
     torch.testing.assert_close(noise_of_one_step(secure_mode=False), regenerated_from_the_seed(), rtol=1e-10, atol=0)
 
 
+@pytest.mark.slow
 def test_two_default_runs_of_one_config_draw_different_batches(make_config):
     batches = []
     for _ in range(2):
@@ -69,6 +70,7 @@ def released_files(run_dir):
 
 
 @pytest.mark.parametrize("secure_mode", [True, False])
+@pytest.mark.slow
 def test_replaying_the_published_config_gives_the_weights_only_when_seeded(make_config, tmp_path, secure_mode):
     setting = f"privacy.secure_mode={str(secure_mode).lower()}"
     reports = [train(make_config(setting, name=f"run{i}")) for i in range(2)]
@@ -125,6 +127,7 @@ def test_uniforms_are_uniform_and_keyed():
     assert not np.array_equal(u, PrivateRandomness.secret().uniforms("batch", 0, 100_000))
 
 
+@pytest.mark.slow
 def test_resume_under_secret_randomness_continues_the_same_streams(make_config, tmp_path):
     """An uninterrupted 4-step run against its own step-2 checkpoint resumed to step 4:
     the checkpoint carries the secret key, so batches and noise continue exactly."""

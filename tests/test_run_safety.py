@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dpdit.files import AtomicCheckpointIO, write_atomically
-from dpdit.train import ConfigError, setup, train
+from dpdit.cli import ConfigError
+from dpdit.train import setup, train
 
 
 def last_checkpoint(run_dir):

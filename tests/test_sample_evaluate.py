@@ -12,7 +12,8 @@ from conftest import CONFIGS, FAST
 from dpdit.data import build_dataset
 from dpdit.evaluate import dataset_arrays, frechet_distance, precision_recall, run_evaluation
 from dpdit.sample import run_sampling
-from dpdit.train import ConfigError, train
+from dpdit.cli import ConfigError
+from dpdit.train import train
 
 
 def compose_config(name, *overrides):
@@ -105,16 +106,46 @@ def test_downstream_accuracy_tells_real_images_from_noise(tmp_path):
 
 
 def test_fid_without_the_inception_weights_says_how_to_get_them(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    offline(monkeypatch, tmp_path)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     with pytest.raises(ConfigError, match=rf"(?s)Inception weights.*download\n.*weights-inception-2015-12-05-6726825d.pth\nand put the file at {expected}"):
         evaluate(tmp_path / "out", f"evaluate.samples={tmp_path}", "evaluate.metrics=[fid]")
     with pytest.raises(ConfigError, match="evaluate.inception_weights=/nowhere/w.pth does not exist: download https://"):
         evaluate(tmp_path / "out", f"evaluate.samples={tmp_path}", "evaluate.inception_weights=/nowhere/w.pth")
+
+
+def offline(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+@pytest.mark.slow
+def test_the_default_evaluation_runs_offline_and_ranks_real_noisy_and_random_digits(tmp_path, monkeypatch):
+    """Without the Inception weights `evaluate.metrics=auto` leaves FID out and measures in the
+    reference classifier's features: real digits score best, the same digits under noise
+    worse, random images worst, by every metric."""
+    offline(monkeypatch, tmp_path)
+    images, labels = dataset_arrays(build_dataset("digits", None, 8, 1, 10))
+    rng = np.random.default_rng(0)
+    noisy = np.clip(images.astype(float) + rng.normal(0, 60, images.shape), 0, 255).astype(np.uint8)
+    sets = {"real": images, "noisy": noisy, "random": rng.integers(0, 256, images.shape, dtype=np.uint8)}
+    results = {}
+    for name, x in sets.items():
+        np.savez(tmp_path / f"{name}.npz", images=x, labels=labels)
+        results[name] = evaluate(
+            tmp_path / name, f"evaluate.samples={tmp_path / name}.npz",
+            "evaluate.reference_classifier.epochs=8", "evaluate.downstream.epochs=4",
+        )
+    real, noisy, random = results["real"], results["noisy"], results["random"]
+    assert real["metrics"] == ["classifier_fd", "classifier_precision_recall", "class_consistency", "downstream"]
+    assert "fid" not in real and real["reference_classifier"]["test_accuracy"] > 0.9
+    assert real["classifier_fd"] < noisy["classifier_fd"] < random["classifier_fd"]
+    assert real["class_consistency"] > 0.9 > noisy["class_consistency"] > random["class_consistency"]
+    assert real["classifier_precision"] > noisy["classifier_precision"] >= random["classifier_precision"]
+    assert real["downstream"]["accuracy"] > random["downstream"]["accuracy"]
 
 
 def test_frechet_distance_and_precision_recall_on_known_features():
@@ -131,7 +162,7 @@ def test_frechet_distance_and_precision_recall_on_known_features():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["evaluate.metrics=[is]"], r"evaluate.metrics=\['is'\]: choose from fid, precision_recall, downstream"),
+    (["evaluate.metrics=[is]"], r"evaluate.metrics=\['is'\]: choose auto or a list from fid, precision_recall, classifier_fd"),
     ([], "give either evaluate.samples"),
 ])
 def test_bad_evaluate_settings_are_refused(tmp_path, overrides, message):

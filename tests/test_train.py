@@ -11,7 +11,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from dpdit.privacy import PrivacyConfig, epsilon_of
-from dpdit.train import ConfigError, train
+from dpdit.cli import ConfigError
+from dpdit.train import train
 
 # the accountant a run uses unless told otherwise
 ACCOUNTANT = PrivacyConfig.accountant

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -27,9 +26,11 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
+from dpdit.cli import ConfigError, Interrupted, command
 from dpdit.data import ImageDataModule
 from dpdit.diffusion import GaussianDiffusion, mean_per_sample
-from dpdit.train import ConfigError, exit_on_config_error, finish_wandb_runs, setup
+from dpdit.logs import finish_wandb_runs
+from dpdit.train import setup
 
 
 def make_canaries(count: int, shape: tuple[int, ...], first_label: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,17 +214,22 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     if module.model.num_classes != cfg.model.num_classes:
         raise ConfigError("the audit gives every canary a class of its own: with model=pretrained, set model.labels=fresh")
     initial = module.model.class_embeddings(labels).detach().clone()
-    trainer.fit(module, datamodule=datamodule)
-
-    model = module.model if cfg.audit.weights == "model" else module.ema.module
-    scores = {
-        "loss": lambda: loss_scores(model, module.diffusion, images, labels, cfg.audit.draws, cfg.audit.seed),
-        "embedding": lambda: embedding_scores(model, initial, labels),
-    }
+    trained = False
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        trained = True
+        model = module.model if cfg.audit.weights == "model" else module.ema.module
+        scores = {
+            "loss": lambda: loss_scores(model, module.diffusion, images, labels, cfg.audit.draws, cfg.audit.seed),
+            "embedding": lambda: embedding_scores(model, initial, labels),
+        }
+        measured = {name: scores[name]() for name in cfg.audit.scores}
+    except Interrupted as stop:
+        # a bound holds only for a whole run and its scores: there is no partial audit
+        where = "while scoring the canaries" if trained else f"during training, after step {trainer.global_step}"
+        raise Interrupted(f"audit stopped by SIGTERM {where}; no audit_report.json was written: run the audit again") from stop
     included = datamodule.included.numpy()
-    result = audit_scores(
-        {name: scores[name]() for name in cfg.audit.scores}, included, cfg.privacy.delta, cfg.audit.confidence, list(cfg.audit.guesses)
-    )
+    result = audit_scores(measured, included, cfg.privacy.delta, cfg.audit.confidence, list(cfg.audit.guesses))
     privacy = module.privacy.report()
     epsilon = privacy["epsilon"]
     report = {
@@ -245,9 +251,9 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="audit")
+@command("audit")
 def main(cfg: DictConfig) -> None:
-    report = exit_on_config_error(run_audit, cfg)
+    report = run_audit(cfg)
     print(
         f"audit: epsilon >= {report['epsilon_lower_bound']:.3f} at {cfg.audit.confidence:.0%} confidence "
         f"({report['best']['correct']}/{report['best']['guesses']} correct guesses by the {report['best']['score']} score); "

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 
+from dpdit import logs
+from dpdit.cli import Interrupted
 from dpdit.cluster import Requeued
 from dpdit.export import export_pipeline, why_not_exportable
 from dpdit.files import write_json_atomically
@@ -40,7 +42,7 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
     def save_final(self, trainer: L.Trainer) -> None:
         if self.save_last and self.dirpath is not None and self._last_global_step_saved != trainer.global_step:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", weights_only=False)
             self._last_global_step_saved = trainer.global_step
 
 
@@ -64,9 +66,10 @@ class PrivacyReport(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update({f"privacy/{k}": v for k, v in report.items() if not isinstance(v, (list, dict))})
+            if isinstance(logger, logs.WandbLogger):
                 for name in (self.path.name, "config_resolved.yaml"):
                     if (self.path.parent / name).is_file():
-                        logger.experiment.save(str(self.path.parent / name), base_path=str(self.path.parent), policy="now")
+                        logger.attach(self.path.parent / name)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         privacy = pl_module.privacy
@@ -80,7 +83,7 @@ class PrivacyReport(L.Callback):
         self.write(trainer, pl_module, stopped)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, Requeued):
+        if isinstance(exception, (Requeued, Interrupted)):
             self.write(trainer, pl_module, f"signal: {exception}")
 
 

@@ -8,6 +8,10 @@ after the current logical step, all ranks agree to stop, save `last.ckpt` (weigh
 optimizer, EMA, accountant history), and rank 0 requeues the SLURM job. The requeued job
 runs the same command in the same run directory and `resume_checkpoint` picks the
 checkpoint up, so no step and no privacy history is lost.
+
+SIGTERM (`kill`, `scancel`, a container stopping) is handled the same way without the
+requeue: the run saves `last.ckpt` after the current step and exits with status 143, saying
+how to resume.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from pathlib import Path
 
 import lightning as L
 
+from dpdit.cli import Interrupted
+
 log = logging.getLogger(__name__)
 
 SIGNALS = ("SIGUSR1", "SIGUSR2")
+STOP_SIGNALS = ("SIGTERM",)
 
 
 class Requeued(SystemExit):
@@ -49,11 +56,13 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str) -> str | None:
 
 class RequeueOnSignal(L.Callback):
     """On any of `signals`, save `<dirpath>/last.ckpt` after the current step, requeue the
-    SLURM job (when there is one) and exit with `Requeued`."""
+    SLURM job (when there is one) and exit with `Requeued`; on any of `stop_signals`, save
+    and exit with `Interrupted`."""
 
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = SIGNALS):
+    def __init__(self, dirpath: str, signals: tuple[str, ...] = SIGNALS, stop_signals: tuple[str, ...] = STOP_SIGNALS):
         self.path = Path(dirpath) / "last.ckpt"
-        self.signals = [signal.Signals[name] for name in signals]
+        self.requeue_signals = [signal.Signals[name] for name in signals]
+        self.signals = self.requeue_signals + [signal.Signals[name] for name in stop_signals]
         self.received: signal.Signals | None = None
         self.previous_handlers = {}
 
@@ -74,7 +83,11 @@ class RequeueOnSignal(L.Callback):
         # The signal may reach ranks in different steps: stop when any rank has it.
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
+        requeue = trainer.strategy.reduce_boolean_decision(self.received in self.requeue_signals, all=False)
+        if not requeue:
+            name = self.received.name if self.received is not None else "another rank's signal"
+            raise Interrupted(f"stopped by {name} after step {trainer.global_step}; saved {self.path}: resume with ckpt_path={self.path}")
         job = slurm_job_id()
         if trainer.is_global_zero and job is not None:
             subprocess.run(["scontrol", "requeue", job], check=True)
@@ -82,6 +95,11 @@ class RequeueOnSignal(L.Callback):
             f"stopped after step {trainer.global_step} on a signal; saved {self.path}"
             + (f" and requeued SLURM job {job}" if job else f": resume with ckpt_path={self.path}")
         )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # SIGTERM during the end-of-training outputs (report, samples, export) let them finish.
+        if self.received is not None and self.received not in self.requeue_signals:
+            raise Interrupted(f"{self.received.name} arrived after the last training step; the run's outputs were completed first")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()

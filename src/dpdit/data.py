@@ -191,7 +191,7 @@ class ImageDataModule(L.LightningDataModule):
 
     With a `vae` the dataset holds the VAE latents of the images instead (and of their
     mirrors when `hflip`), encoded once into `latent_cache_dir` (default: beside
-    `root`, as `<root>.latents`, or `data/latents` for datasets without a root).
+    `root`, as `<root>.latents`; the data configs without a root give the cache folder).
     """
 
     def __init__(
@@ -231,7 +231,7 @@ class ImageDataModule(L.LightningDataModule):
         self.noise_schedule_end = noise_schedule_end
         self.vae = vae
         self.test_root = test_root
-        self.latent_cache_dir = latent_cache_dir or (f"{Path(root).expanduser()}.latents" if root else "data/latents")
+        self.latent_cache_dir = latent_cache_dir or (f"{Path(root).expanduser()}.latents" if root else None)
         self.train_dataset: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -251,6 +251,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.vae is None:
             self.train_dataset = images
             return
+        if self.latent_cache_dir is None:
+            raise ValueError(f"data={self.dataset} has no data.root to cache its latents beside: set data.latent_cache_dir=/path/to/a/folder")
         settings = {key: getattr(self, key) for key in ("dataset", "image_size", "channels", "num_classes", "size")}
         self.train_dataset = cached_latents(
             images,

@@ -9,13 +9,21 @@ the `data` config (give the training's `data=...` or `experiment=...`).
   ones every published FID uses), with torch-fidelity's statistics.
 * Precision and recall (Kynkaenniemi et al., 2019; k = 3) on the same features, on at most
   `evaluate.prc_images` images of each side.
+* The same two in the feature space of a reference classifier (`classifier_fd`,
+  `classifier_precision`/`_recall`), and `class_consistency`, the share of samples it
+  assigns to their label. It is the downstream CNN trained on the real training split, with
+  its seed, and its 128-d penultimate layer is the feature space: it needs no download, so
+  it works offline on any labelled data, and it reads the images at their own size (no
+  upsampling of 8x8 digits to Inception's 299 px).
 * Downstream accuracy (DPDM's protocol): a CNN trained on the synthetic images only, its
   epoch chosen on a held-out part of the synthetic images, then tested once on the real
   test split. The private test set never takes part in a choice.
 
-FID and precision/recall read the real images: like every published FID, they are
-measurements for the developer, not private releases. Results go to `evaluation.json` and to
-the configured loggers (W&B, CSV).
+`evaluate.metrics=auto` (the default) gives all of them, with FID and precision/recall only
+where the Inception weights are on the machine or can be downloaded; without them it says
+what to download and where to put it. All of these read the real images: like every
+published FID, they are measurements for the developer, not private releases. Results go to
+`evaluation.json` and to the configured loggers (W&B, CSV).
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import socket
 import urllib.error
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -36,13 +45,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dpdit.cli import ConfigError, command
 from dpdit.images import to_uint8
+from dpdit.logs import finish_wandb_runs
 from dpdit.sample import pick_device, run_sampling
-from dpdit.train import ConfigError, exit_on_config_error, finish_wandb_runs
 
 log = logging.getLogger(__name__)
-METRICS = ("fid", "precision_recall", "downstream")
+INCEPTION_METRICS = ("fid", "precision_recall")
+CLASSIFIER_METRICS = ("classifier_fd", "classifier_precision_recall", "class_consistency")
+METRICS = (*INCEPTION_METRICS, *CLASSIFIER_METRICS, "downstream")
 INCEPTION_FEATURES = "2048"
+# how long `evaluate.metrics=auto` waits for the Inception weights' server
+DOWNLOAD_TIMEOUT_S = 20
 
 
 #################################################################################
@@ -75,9 +89,9 @@ def dataset_arrays(dataset: Dataset, batch_size: int = 1024) -> tuple[np.ndarray
 #################################################################################
 
 
-def inception_weights(path: str | None) -> str:
+def inception_weights(path: str | None, timeout: float | None = None) -> str:
     """The TF-Inception-v3 weights file: `path`, or torch-fidelity's in the torch hub cache,
-    fetched there once when the machine can reach it."""
+    fetched there once when the machine can reach it (within `timeout` seconds per attempt)."""
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     if path is not None:
@@ -86,7 +100,9 @@ def inception_weights(path: str | None) -> str:
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
     if not cached.is_file():
+        previous_timeout = socket.getdefaulttimeout()
         try:
+            socket.setdefaulttimeout(timeout)
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
         except (urllib.error.URLError, OSError) as error:
@@ -94,8 +110,10 @@ def inception_weights(path: str | None) -> str:
                 f"FID needs the standard Inception weights and they could not be downloaded ({error}). "
                 f"On a machine with network access download\n    {URL_INCEPTION_V3}\nand put the file at "
                 f"{cached} (or anywhere, with evaluate.inception_weights=/path/to/{cached.name}); "
-                "or leave FID out with evaluate.metrics=[downstream]"
+                "evaluate.metrics=auto measures everything else without them"
             ) from error
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
     return str(cached)
 
 
@@ -158,6 +176,18 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / max(len(labels), 1)
 
 
+def train_epochs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: DictConfig, generator: torch.Generator, desc: str):
+    """Train `model` on the images with Adam, one epoch per iteration (yields the epoch)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    for epoch in tqdm(range(1, settings.epochs + 1), desc=desc, unit="epoch", leave=False):
+        model.train()
+        for batch in torch.randperm(len(labels), generator=generator).split(settings.batch_size):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+        yield epoch
+
+
 def downstream_accuracy(
     synthetic: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
@@ -176,14 +206,8 @@ def downstream_accuracy(
     (val_x, val_y), (train_x, train_y) = [(images[i].to(device), labels[i].to(device)) for i in (order[:held], order[held:])]
     torch.manual_seed(settings.seed)
     model = classifier(images.shape[1], images.shape[-1], num_classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     best = {"validation_accuracy": -1.0}
-    for epoch in tqdm(range(1, settings.epochs + 1), desc="downstream classifier", unit="epoch", leave=False):
-        model.train()
-        for batch in torch.randperm(len(train_y), generator=generator).split(settings.batch_size):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(train_x[batch]), train_y[batch]).backward()
-            optimizer.step()
+    for epoch in train_epochs(model, train_x, train_y, settings, generator, "downstream classifier"):
         score = accuracy(model, val_x, val_y)
         if score > best["validation_accuracy"]:
             best = {"validation_accuracy": score, "epoch": epoch, "weights": copy.deepcopy(model.state_dict())}
@@ -199,18 +223,68 @@ def downstream_accuracy(
 
 
 #################################################################################
+#                 Reference classifier: metrics that need no download           #
+#################################################################################
+
+
+def reference_classifier(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int, settings: DictConfig, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The downstream CNN trained on the real training split for `settings.epochs` epochs
+    from `settings.seed`: the same network for every evaluation of this data."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    images, labels = to_inputs(train[0]).to(device), torch.from_numpy(train[1]).long().to(device)
+    torch.manual_seed(settings.seed)
+    model = classifier(images.shape[1], images.shape[-1], num_classes).to(device)
+    for _ in train_epochs(model, images, labels, settings, generator, "reference classifier (real training split)"):
+        pass
+    model.eval()
+    test_x, test_y = to_inputs(test[0]).to(device), torch.from_numpy(test[1]).long().to(device)
+    return model, {"train_images": len(labels), "epochs": settings.epochs, "test_accuracy": accuracy(model, test_x, test_y)}
+
+
+@torch.no_grad()
+def classifier_outputs(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penultimate-layer features (float64, CPU) and predicted classes of uint8 images."""
+    features, predicted = [], []
+    for x in to_inputs(images).split(batch_size):
+        hidden = model[:-2](x.to(device))  # before the dropout and the output layer
+        features.append(hidden.double().cpu())
+        predicted.append(model[-1](hidden).argmax(1).cpu())
+    return torch.cat(features), torch.cat(predicted)
+
+
+#################################################################################
 #                                  The command                                  #
 #################################################################################
 
 
+def chosen_metrics(settings: DictConfig) -> list[str]:
+    """`evaluate.metrics` as a list: `auto` is every metric, the Inception ones only where
+    their weights are on the machine or can be downloaded."""
+    if settings.metrics == "auto":
+        if settings.inception_weights is not None:
+            inception_weights(settings.inception_weights)  # a file named but missing is a mistake
+            return list(METRICS)
+        try:
+            inception_weights(settings.inception_weights, timeout=DOWNLOAD_TIMEOUT_S)
+            return list(METRICS)
+        except FileNotFoundError as error:
+            log.warning("evaluate.metrics=auto leaves out FID and precision/recall: %s", error)
+            return [m for m in METRICS if m not in INCEPTION_METRICS]
+    metrics = list(settings.metrics) if isinstance(settings.metrics, Sequence) and not isinstance(settings.metrics, str) else [settings.metrics]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"evaluate.metrics={metrics}: choose auto or a list from {', '.join(METRICS)}")
+    return metrics
+
+
 def check_settings(settings: DictConfig) -> None:
-    unknown = [m for m in settings.metrics if m not in METRICS]
-    if unknown or not settings.metrics:
-        raise ValueError(f"evaluate.metrics={list(settings.metrics)}: choose from {', '.join(METRICS)}")
     if settings.fid_reference not in ("train", "test"):
         raise ValueError(f"evaluate.fid_reference={settings.fid_reference!r} is unknown: choose train or test")
-    if settings.downstream.epochs < 1:
-        raise ValueError(f"evaluate.downstream.epochs={settings.downstream.epochs} must be at least 1")
+    for name in ("downstream", "reference_classifier"):
+        if settings[name].epochs < 1:
+            raise ValueError(f"evaluate.{name}.epochs={settings[name].epochs} must be at least 1")
     if not 0.0 < settings.downstream.validation_fraction < 1.0:
         raise ValueError(f"evaluate.downstream.validation_fraction={settings.downstream.validation_fraction} must lie in (0, 1)")
 
@@ -222,6 +296,10 @@ def synthetic_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
         )
     if cfg.evaluate.samples is not None:
         return load_samples(cfg.evaluate.samples)
+    log.info(
+        "drawing sample.num_images=%d images from %s to evaluate (the downstream classifier trains on "
+        "them, as in DPDM; fewer are quicker and noisier: sample.num_images=1000)", cfg.sample.num_images, cfg.ckpt_path,
+    )
     result = run_sampling(cfg)
     return result["images"], result["labels"]
 
@@ -231,16 +309,17 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     settings = cfg.evaluate
     try:
         check_settings(settings)
+        metrics = chosen_metrics(settings)
         device = pick_device(cfg.sample.device)
         data = instantiate(cfg.data, poisson_sampling=False)
-        needs_features = bool({"fid", "precision_recall"} & set(settings.metrics))
-        splits = {"test"} if "downstream" in settings.metrics else set()
-        splits |= {settings.fid_reference} if needs_features else set()
+        inception_needed = bool(set(INCEPTION_METRICS) & set(metrics))
+        classifier_needed = bool(set(CLASSIFIER_METRICS) & set(metrics))
+        splits = {"test"} if "downstream" in metrics or classifier_needed else set()
+        splits |= {settings.fid_reference} if inception_needed or classifier_needed else set()
+        splits |= {"train"} if classifier_needed else set()
         # each split read once, also when FID compares with the test split
         real = {split: dataset_arrays(data.images(split)) for split in splits}
-        test = real["test"] if "downstream" in settings.metrics else None
-        reference = real[settings.fid_reference] if needs_features else None
-        extractor = inception(settings.inception_weights) if needs_features else None
+        extractor = inception(settings.inception_weights) if inception_needed else None
         synthetic = synthetic_images(cfg)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
@@ -248,17 +327,29 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if synthetic[0].shape[1:] != real_shape:
         raise ConfigError(f"the samples have shape {synthetic[0].shape[1:]} (C, H, W) but data={data.dataset} gives {real_shape}: evaluate against the data the model was trained on")
 
-    results: dict[str, Any] = {"samples": len(synthetic[0]), "data": data.dataset}
+    results: dict[str, Any] = {"samples": len(synthetic[0]), "data": data.dataset, "metrics": metrics}
+    if inception_needed or classifier_needed:
+        results["fid_reference"] = {"split": settings.fid_reference, "images": len(real[settings.fid_reference][0])}
     if extractor is not None:
         fake = features(extractor, synthetic[0], settings.batch_size, device, "inception: samples")
-        true = features(extractor, reference[0], settings.batch_size, device, f"inception: real {settings.fid_reference}")
-        results["fid_reference"] = {"split": settings.fid_reference, "images": len(true)}
-        if "fid" in settings.metrics:
+        true = features(extractor, real[settings.fid_reference][0], settings.batch_size, device, f"inception: real {settings.fid_reference}")
+        if "fid" in metrics:
             results["fid"] = frechet_distance(fake, true)
-        if "precision_recall" in settings.metrics:
+        if "precision_recall" in metrics:
             results.update(precision_recall(fake[: settings.prc_images], true[: settings.prc_images]))
-    if test is not None:
-        results["downstream"] = downstream_accuracy(synthetic, test, data.num_classes, settings.downstream, device)
+    if classifier_needed:
+        model, results["reference_classifier"] = reference_classifier(real["train"], real["test"], data.num_classes, settings.reference_classifier, device)
+        fake, predicted = classifier_outputs(model, synthetic[0], device)
+        true, _ = classifier_outputs(model, real[settings.fid_reference][0], device)
+        if "classifier_fd" in metrics:
+            results["classifier_fd"] = frechet_distance(fake, true)
+        if "classifier_precision_recall" in metrics:
+            scores = precision_recall(fake[: settings.prc_images], true[: settings.prc_images])
+            results.update({f"classifier_{key}": value for key, value in scores.items()})
+        if "class_consistency" in metrics:
+            results["class_consistency"] = float((predicted.numpy() == synthetic[1]).mean())
+    if "downstream" in metrics:
+        results["downstream"] = downstream_accuracy(synthetic, real["test"], data.num_classes, settings.downstream, device)
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -283,9 +374,9 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
         finish_wandb_runs([logger])
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="evaluate")
+@command("evaluate")
 def main(cfg: DictConfig) -> None:
-    results = exit_on_config_error(run_evaluation, cfg)
+    results = run_evaluation(cfg)
     print(json.dumps(results, indent=2))
 
 

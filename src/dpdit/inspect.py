@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -41,11 +40,11 @@ from opacus.grad_sample.utils import get_hooks_class
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dpdit.cli import ConfigError, command
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity, gram_matrices_outweigh_gradient
 from dpdit.profile import VANILLA
-from dpdit.train import ConfigError, exit_on_config_error
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -676,9 +675,9 @@ def run_inspection(cfg: DictConfig) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="inspect")
+@command("inspect")
 def main(cfg: DictConfig) -> None:
-    text = exit_on_config_error(run_inspection, cfg)
+    text = run_inspection(cfg)
     print(text, end="")
 
 

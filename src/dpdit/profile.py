@@ -29,13 +29,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dpdit.cli import ConfigError, command
 from dpdit.module import DiffusionModule
 from dpdit.privacy import (
     CLIPPING_MODES,
@@ -45,7 +45,6 @@ from dpdit.privacy import (
     check_model_is_private,
     check_precision,
 )
-from dpdit.train import ConfigError, exit_on_config_error
 
 VANILLA = "vanilla"
 MODES = (VANILLA, *CLIPPING_MODES)
@@ -425,9 +424,9 @@ def run_profile(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="profile")
+@command("profile")
 def main(cfg: DictConfig) -> None:
-    results = exit_on_config_error(run_profile, cfg)
+    results = run_profile(cfg)
     print(results["table"])
     print(f"written: {Path(cfg.paths.output_dir) / 'profile.json'}, {Path(cfg.paths.output_dir) / 'profile.png'}")
 

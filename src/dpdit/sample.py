@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -26,9 +25,10 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpdit.cli import ConfigError, command
 from dpdit.diffusion import SAMPLERS, GaussianDiffusion
 from dpdit.images import save_grid, to_uint8
-from dpdit.train import ConfigError, exit_on_config_error, initialise_from, read_checkpoint
+from dpdit.train import initialise_from, read_checkpoint
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,13 +63,14 @@ def generate(
     seed: int,
     batch_size: int,
     progress: bool = True,
+    desc: str = "sampling",
 ) -> np.ndarray:
     """uint8 images N x C x H x W, one per label, with classifier-free guidance, in batches;
     a latent model's samples are decoded to pixels by its VAE."""
     model.eval()
     device = labels.device
     images = []
-    with tqdm(total=len(labels), desc="sampling", unit="image", disable=not progress) as bar:
+    with tqdm(total=len(labels), desc=desc, unit="image", disable=not progress) as bar:
         for start in range(0, len(labels), batch_size):
             chunk = labels[start : start + batch_size]
             generators = [torch.Generator(device=device).manual_seed(image_seed(seed, start + i)) for i in range(len(chunk))]
@@ -141,7 +142,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     images = generate(
         model.to(device), diffusion, labels.to(device), settings.guidance_scale, settings.steps,
-        settings.scheduler, settings.seed, settings.batch_size,
+        settings.scheduler, settings.seed, settings.batch_size, desc=f"sampling sample.num_images={len(labels)} images",
     )
     labels = labels.numpy()
     save_samples(images, labels, output_dir, model.null_class)
@@ -152,9 +153,9 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     return {"images": images, "labels": labels, "output_dir": output_dir, "run_config": run_config}
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="sample")
+@command("sample")
 def main(cfg: DictConfig) -> None:
-    result = exit_on_config_error(run_sampling, cfg)
+    result = run_sampling(cfg)
     print(f"written: {len(result['images'])} images in {result['output_dir']} (samples.npz, samples.png, images/)")
 
 

@@ -9,22 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from dpdit.cli import ConfigError
 from dpdit.cluster import resume_checkpoint
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.files import write_text_atomically
+from dpdit.logs import finish_wandb_runs
 from dpdit.models.finetune import weights_for
 from dpdit.module import DiffusionModule
 from dpdit.prior import prepare_prior, start_from_prior, uses_pretrained_model
@@ -265,21 +264,6 @@ def make_trainer(config: DictConfig, callbacks: list, loggers: list) -> L.Traine
     return instantiate(config, strategy=DPDDPStrategy(), callbacks=callbacks, logger=loggers or False)
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names it and the fix."""
-
-
-Result = TypeVar("Result")
-
-
-def exit_on_config_error(command: Callable[[DictConfig], Result], cfg: DictConfig) -> Result:
-    """Run a command line's work; a bad setting ends the process with its message, not a traceback."""
-    try:
-        return command(cfg)
-    except ConfigError as error:
-        sys.exit(f"dpdit: {error}")
-
-
 def setup(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:
     """Build and check everything; raises ConfigError before any training or writing.
     A requeued SLURM job resumes from its run directory's last checkpoint."""
@@ -356,17 +340,24 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
     return trainer, module, datamodule
 
 
-def finish_wandb_runs(loggers: list) -> None:
-    """End the W&B runs of these loggers: a W&B run left open in the process would take in
-    the next job's logs (Hydra sweeps run their jobs in one process)."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the privacy report."""
     trainer, module, datamodule = setup(cfg)
+    log.info("%s; writing into %s", describe_privacy(module.privacy.report()), cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finish_wandb_runs(trainer.loggers)
-    return module.privacy.report()
+    report = module.privacy.report()
+    if report["enabled"]:
+        log.info("spent epsilon %.4g (%s, delta %g) in %d steps", report["epsilon"], report["accountant"], report["delta"], report["steps"])
+    return report
+
+
+def describe_privacy(report: dict[str, Any]) -> str:
+    if not report["enabled"]:
+        return "training without privacy"
+    target = "" if report["target_epsilon"] is None else f"target epsilon {report['target_epsilon']:g} "
+    return (
+        f"DP-SGD: noise multiplier {report['noise_multiplier']:.4g}, clip bound {report['max_grad_norm']:g}, "
+        f"sample rate {report['sample_rate']:.4g} of {report['dataset_size']} images, {target}at delta "
+        f"{report['delta']:g} ({report['accountant']}), randomness {report['randomness']}"
+    )
