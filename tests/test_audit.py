@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from scipy import stats
 
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST, compose_config
 from dpdit.audit import audit_scores, epsilon_lower_bound, p_value, run_audit
 from dpdit.cli import ConfigError
 
@@ -67,8 +66,7 @@ AUDIT = [
 
 
 def audit(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="audit", overrides=[*FAST, *AUDIT, f"paths.output_dir={tmp_path}", *overrides])
+    cfg = compose_config("audit", *FAST, *AUDIT, f"paths.output_dir={tmp_path}", *overrides)
     report = run_audit(cfg)
     assert json.loads((tmp_path / "audit_report.json").read_text())["epsilon_lower_bound"] == report["epsilon_lower_bound"]
     return report
@@ -97,8 +95,7 @@ def test_audit_of_sound_dp_sgd_stays_below_the_claim(tmp_path):
     [("audit.guesses=[5000]", "audit.guesses"), ("audit.scores=[gradient]", "audit.scores"), ("audit.weights=best", "audit.weights"), ("ckpt_path=/x.ckpt", "ckpt_path")],
 )
 def test_bad_audit_settings_are_refused_before_training(tmp_path, override, message):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="audit", overrides=[*FAST, f"paths.output_dir={tmp_path}", override])
+    cfg = compose_config("audit", *FAST, f"paths.output_dir={tmp_path}", override)
     with pytest.raises(ConfigError, match=message):
         run_audit(cfg)
     assert not (tmp_path / "checkpoints").exists()

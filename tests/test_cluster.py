@@ -8,12 +8,11 @@ import signal
 import pytest
 import submitit
 import torch
-from hydra import compose, initialize_config_dir
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS
+from helpers import compose_config
 from dpdit.cluster import Requeued
 from dpdit.distributed import DPDDPStrategy
 from dpdit.module import DiffusionModule
@@ -22,8 +21,7 @@ from dpdit.train import make_trainer, setup, train
 
 
 def compose_train(*overrides, hydra=False):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
+    return compose_config("train", *overrides, hydra=hydra)
 
 
 class Submitted(Exception):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
+from helpers import FAST
 from dpdit.cli import EXIT_SIGTERM, unknown_setting
 from dpdit.logs import silence_harmless_notices
 from dpdit.train import train

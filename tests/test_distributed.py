@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import FAST
-from test_privacy_step import BATCH, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
+from helpers import BATCH, FAST, batch, dp, norm, per_sample_gradients, run_step, ZeroLoss
 
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy

@@ -11,13 +11,13 @@ import torch
 from diffusers import DiTTransformer2DModel
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_pretrained import EpsilonLoss, latent_batch
-from test_privacy_step import FixedLoss, batch, dp, norm, run_step
+from helpers import batch, dp, EpsilonLoss, FixedLoss, latent_batch, norm, run_step
 
 from dpdit.models import DiT, PretrainedDiT, create_dit
 from dpdit.privacy import check_parameters_held
 from dpdit.sample import load_checkpoint_model
-from dpdit.train import initialise_from, train, weights_under
+from dpdit.checkpoints import initialise_from, weights_under
+from dpdit.train import train
 
 BLOCKS = range(2)
 WEIGHT_AND_BIAS = ("weight", "bias")

@@ -7,8 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import CONFIGS, FAST
-from hydra import compose, initialize_config_dir
+from helpers import FAST, compose_config
 from hydra.utils import instantiate
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
@@ -41,9 +40,8 @@ def make_inspect_config(tmp_path):
     """Compose the real inspect config with the suite's tiny-model overrides."""
 
     def make(*overrides: str, fast: bool = True):
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            base = [*(FAST if fast else []), f"paths.output_dir={tmp_path / 'inspect'}", "inspect.paper_sizes=false"]
-            return compose(config_name="inspect", overrides=[*base, *overrides])
+        base = [*(FAST if fast else []), f"paths.output_dir={tmp_path / 'inspect'}", "inspect.paper_sizes=false"]
+        return compose_config("inspect", *base, *overrides)
 
     return make
 

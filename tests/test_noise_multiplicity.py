@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, PrivacyConfig, gram_matrices_outweigh_gradient
-from test_pretrained import latent_batch, pretrained
-from test_privacy_step import BATCH, batch, norm, run_step, tiny_model
+from helpers import BATCH, batch, latent_batch, norm, pretrained, run_step, tiny_model
 
 
 class RecordedDraws:

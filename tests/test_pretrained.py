@@ -7,40 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_pipeline
+from helpers import BATCH, dp, EpsilonLoss, latent_batch, norm, pretrained, run_step, save_tiny_pipeline
 from diffusers import DiTPipeline
 from omegaconf import OmegaConf
-from test_privacy_step import dp, norm, run_step
 
 from dpdit.data import build_dataset
 from dpdit.export import ema_state, export_run
 from dpdit.export import main as export_main
-from dpdit.models import FrozenVAE, PretrainedDiT
+from dpdit.models import FrozenVAE
 from dpdit.sample import run_sampling
 from dpdit.cli import ConfigError
 from dpdit.train import setup, train
-
-BATCH = 6
-
-
-def pretrained(path, **kwargs):
-    kwargs = {"num_classes": 3, "labels": "imagenet", "class_ids": [3, 7, 1], **kwargs}
-    return PretrainedDiT.from_pretrained(str(path), **kwargs)
-
-
-def latent_batch(seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(BATCH, 4, 8, 8, generator=generator, dtype=torch.float64)
-    labels = torch.tensor([0, 1, 2, 3, 1, 0])  # 3 is the null class
-    return latents, labels
-
-
-class EpsilonLoss:
-    """Deterministic per-sample loss on the epsilon half of the output."""
-
-    def training_losses(self, model, x, y):
-        t = torch.full((x.shape[0],), 300, dtype=torch.long)
-        return ((model(x, t, y)[:, :4] - x.flip(-1)) ** 2).flatten(1).mean(1)
 
 
 def test_forward_is_diffusers_forward(tiny_pipeline):
@@ -211,7 +188,7 @@ def test_export_from_a_checkpoint(make_config, tiny_pipeline, tmp_path):
     assert images.shape == (1, 16, 16, 3)
     with pytest.raises(SystemExit, match="not empty"):
         export_main([str(run), "--output", str(exported)])
-    with pytest.raises(SystemExit, match="config.yaml not found"):
+    with pytest.raises(SystemExit, match="last.ckpt not found: pass the directory of a training run"):
         export_main([str(tmp_path)])
 
 

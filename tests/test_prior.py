@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dpdit.cli import ConfigError
-from dpdit.train import train, weights_under
+from dpdit.checkpoints import weights_under
+from dpdit.train import train
 
 # The public stage at test size: 64 font digits, 2 steps.
 PUBLIC_OVERRIDES = [

@@ -5,96 +5,12 @@ reference per-sample gradients can be recomputed one image at a time. The step r
 through a real Lightning Trainer with SGD(lr=1), so the update equals minus the gradient.
 """
 
-import lightning as L
 import pytest
 import torch
 
-from dpdit.models import DiT
-from dpdit.module import DiffusionModule
+from helpers import BATCH, batch, dp, norm, per_sample_gradients, run_step, tiny_model, ZeroLoss
+
 from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, NonPrivateTraining, PrivacyConfig
-from dpdit.profile import RepeatedBatch
-
-BATCH = 6
-
-
-class FixedLoss:
-    """Per-sample squared error of the model's output at a fixed timestep."""
-
-    def training_losses(self, model, x, y):
-        t = torch.full((x.shape[0],), 10, dtype=torch.long)
-        return ((model(x, t, y) - x.flip(-1)) ** 2).flatten(1).mean(1)
-
-
-class ZeroLoss:
-    """Zero loss: every per-sample gradient is zero, so the update is pure noise."""
-
-    def training_losses(self, model, x, y):
-        t = torch.zeros(x.shape[0], dtype=torch.long)
-        return model(x, t, y).flatten(1).mean(1) * 0.0
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=False)
-    # Leave adaLN-Zero's zero start so that every parameter has a non-zero gradient.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.double()
-
-
-def batch(size=BATCH, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(size, 1, 8, 8, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, 4, (size,), generator=generator)  # 3 is the null class
-    return images, labels
-
-
-def run_step(privacy, physical_batch_size, loss=FixedLoss(), data=None, model=None, steps=1, precision="64-true", **trainer_options):
-    """`steps` training steps through Lightning; returns (module, minus the update)."""
-    model = model or tiny_model()
-    before = [p.detach().clone() for p in model.parameters()]
-    module = DiffusionModule(
-        model=model,
-        diffusion=loss,
-        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
-        privacy=privacy,
-        physical_batch_size=physical_batch_size,
-        ema_decay=0.9,
-    )
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        **trainer_options,
-    )
-    trainer.fit(module, train_dataloaders=RepeatedBatch(data or batch(), steps))
-    return module, [b - p.detach() for b, p in zip(before, model.parameters())]
-
-
-def dp(clipping, max_grad_norm=1.0, noise_multiplier=0.0, dataset_size=BATCH):
-    config = PrivacyConfig(clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
-    return DPSGDTraining(config, sample_rate=1.0, dataset_size=dataset_size, noise_multiplier=noise_multiplier)
-
-
-def per_sample_gradients(images, labels):
-    """Each image's gradient, computed alone (micro-batches of one)."""
-    model = tiny_model()
-    grads = []
-    for i in range(images.shape[0]):
-        model.zero_grad()
-        FixedLoss().training_losses(model, images[i : i + 1], labels[i : i + 1]).sum().backward()
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-    return grads
-
-
-def norm(gradient):
-    return torch.sqrt(sum((g**2).sum() for g in gradient))
 
 
 @pytest.mark.parametrize("clipping", CLIPPING_MODES)

@@ -5,10 +5,9 @@ import statistics
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS
+from helpers import compose_config
 from dpdit.profile import build, find_max_batch, largest_fitting, run_profile, run_steps
 from dpdit.cli import ConfigError
 
@@ -18,8 +17,7 @@ TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "profile.w
 @pytest.fixture
 def profile_config(tmp_path):
     def make(*overrides: str):
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            return compose(config_name="profile", overrides=[*TINY, f"paths.output_dir={tmp_path}", *overrides])
+        return compose_config("profile", *TINY, f"paths.output_dir={tmp_path}", *overrides)
 
     return make
 

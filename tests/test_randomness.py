@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from test_privacy_step import BATCH, ZeroLoss, run_step, tiny_model
+from helpers import BATCH, ZeroLoss, run_step, tiny_model
 
 from dpdit.data import ImageDataModule, LogicalBatchSampler
 from dpdit.privacy import DPSGDTraining, PrivacyConfig

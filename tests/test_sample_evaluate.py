@@ -1,14 +1,12 @@
 """The sampling and evaluation commands, end to end on a tiny digits model."""
 
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONFIGS, FAST
+from helpers import FAST, compose_config
 from dpdit.data import build_dataset
 from dpdit.evaluate import dataset_arrays, frechet_distance, precision_recall, run_evaluation
 from dpdit.sample import run_sampling
@@ -16,20 +14,19 @@ from dpdit.cli import ConfigError
 from dpdit.train import train
 
 
-def compose_config(name, *overrides):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name=name, overrides=[*FAST, *overrides])
+def fast_config(name, *overrides):
+    return compose_config(name, *FAST, *overrides)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    train(compose_config("train", f"paths.output_dir={run}", "privacy.noise_multiplicity=2"))
+    train(fast_config("train", f"paths.output_dir={run}", "privacy.noise_multiplicity=2"))
     return run / "checkpoints" / "last.ckpt"
 
 
 def sample(checkpoint, out, *overrides):
-    return run_sampling(compose_config("sample", f"ckpt_path={checkpoint}", f"paths.output_dir={out}", "sample.steps=2", *overrides))
+    return run_sampling(fast_config("sample", f"ckpt_path={checkpoint}", f"paths.output_dir={out}", "sample.steps=2", *overrides))
 
 
 def test_sample_writes_pngs_and_npz_for_the_asked_labels(checkpoint, tmp_path):
@@ -77,7 +74,7 @@ def test_sample_needs_a_checkpoint_written_by_train(tmp_path):
 
 
 def evaluate(out, *overrides):
-    return run_evaluation(compose_config("evaluate", f"paths.output_dir={out}", *overrides))
+    return run_evaluation(fast_config("evaluate", f"paths.output_dir={out}", *overrides))
 
 
 def test_evaluate_samples_from_a_checkpoint_with_downstream_accuracy_on_held_out_digits(checkpoint, tmp_path):

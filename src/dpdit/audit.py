@@ -26,6 +26,7 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
+from dpdit.bisection import bracket, narrow
 from dpdit.cli import ConfigError, Interrupted, command
 from dpdit.data import ImageDataModule
 from dpdit.diffusion import GaussianDiffusion, mean_per_sample
@@ -131,15 +132,10 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, significance: floa
     0 when even epsilon = 0 is not rejected."""
     if r == 0 or p_value(m, r, v, 0.0, delta) >= significance:
         return 0.0
-    low, high = 0.0, 1.0
-    while p_value(m, r, v, high, delta) < significance:
-        low, high = high, 2.0 * high
-    while high - low > 1e-6:
-        middle = (low + high) / 2.0
-        if p_value(m, r, v, middle, delta) < significance:
-            low = middle
-        else:
-            high = middle
+    def rejected(epsilon: float) -> bool:
+        return p_value(m, r, v, epsilon, delta) < significance
+
+    low, _ = narrow(rejected, *bracket(rejected), done=lambda low, high: high - low <= 1e-6)
     return low
 
 

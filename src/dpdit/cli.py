@@ -24,7 +24,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -39,6 +39,18 @@ Result = TypeVar("Result")
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and the fix."""
+
+
+@contextmanager
+def settings_checked() -> Iterator[None]:
+    """What bad settings raise (a wrong value, a missing or existing file, a config that does
+    not instantiate) as a `ConfigError`, with the message that names the setting."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError, FileExistsError, InstantiationException) as error:
+        raise ConfigError(str(error)) from error
 
 
 class Interrupted(SystemExit):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 
+from dpdit.checkpoints import last_checkpoint
 from dpdit.cli import Interrupted
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str) -> str | None:
     """`ckpt_path` if given; in a requeued SLURM job, the run directory's `last.ckpt`."""
     if ckpt_path is not None:
         return ckpt_path
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.is_file():
         log.info("requeued SLURM job: resuming from %s", last)
         return str(last)

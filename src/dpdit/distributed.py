@@ -12,12 +12,12 @@ ranks at the end of each logical step.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
+
+from dpdit.randomness import tensor_digest
 
 
 class DPDDPStrategy(DDPStrategy):
@@ -36,11 +36,8 @@ class DPDDPStrategy(DDPStrategy):
 
 
 def parameters_digest(module: nn.Module) -> str:
-    """A hash of every parameter's bits."""
-    digest = hashlib.sha256()
-    for parameter in module.parameters():
-        digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """A hash of every parameter's name and bits."""
+    return tensor_digest(module.named_parameters())
 
 
 def check_replicas_identical(module) -> None:

@@ -45,8 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dpdit.cli import ConfigError, command
-from dpdit.images import to_uint8
+from dpdit.cli import ConfigError, command, settings_checked
+from dpdit.images import from_uint8, to_uint8
 from dpdit.logs import finish_wandb_runs
 from dpdit.sample import pick_device, run_sampling
 
@@ -165,10 +165,6 @@ def classifier(channels: int, image_size: int, num_classes: int, width: int = 32
     )
 
 
-def to_inputs(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).float() / 127.5 - 1.0
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
     model.eval()
@@ -198,7 +194,7 @@ def downstream_accuracy(
     """Train on synthetic images, pick the epoch by accuracy on held-out synthetic images,
     test that epoch's weights once on the real test split."""
     generator = torch.Generator().manual_seed(settings.seed)
-    images, labels = to_inputs(synthetic[0]), torch.from_numpy(synthetic[1]).long()
+    images, labels = from_uint8(synthetic[0]), torch.from_numpy(synthetic[1]).long()
     order = torch.randperm(len(labels), generator=generator)
     held = max(1, int(round(settings.validation_fraction * len(labels))))
     if len(labels) - held < 1:
@@ -212,7 +208,7 @@ def downstream_accuracy(
         if score > best["validation_accuracy"]:
             best = {"validation_accuracy": score, "epoch": epoch, "weights": copy.deepcopy(model.state_dict())}
     model.load_state_dict(best.pop("weights"))
-    test_x, test_y = to_inputs(test[0]).to(device), torch.from_numpy(test[1]).long().to(device)
+    test_x, test_y = from_uint8(test[0]).to(device), torch.from_numpy(test[1]).long().to(device)
     return {
         "accuracy": accuracy(model, test_x, test_y),
         **best,
@@ -233,13 +229,13 @@ def reference_classifier(
     """The downstream CNN trained on the real training split for `settings.epochs` epochs
     from `settings.seed`: the same network for every evaluation of this data."""
     generator = torch.Generator().manual_seed(settings.seed)
-    images, labels = to_inputs(train[0]).to(device), torch.from_numpy(train[1]).long().to(device)
+    images, labels = from_uint8(train[0]).to(device), torch.from_numpy(train[1]).long().to(device)
     torch.manual_seed(settings.seed)
     model = classifier(images.shape[1], images.shape[-1], num_classes).to(device)
     for _ in train_epochs(model, images, labels, settings, generator, "reference classifier (real training split)"):
         pass
     model.eval()
-    test_x, test_y = to_inputs(test[0]).to(device), torch.from_numpy(test[1]).long().to(device)
+    test_x, test_y = from_uint8(test[0]).to(device), torch.from_numpy(test[1]).long().to(device)
     return model, {"train_images": len(labels), "epochs": settings.epochs, "test_accuracy": accuracy(model, test_x, test_y)}
 
 
@@ -247,7 +243,7 @@ def reference_classifier(
 def classifier_outputs(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The penultimate-layer features (float64, CPU) and predicted classes of uint8 images."""
     features, predicted = [], []
-    for x in to_inputs(images).split(batch_size):
+    for x in from_uint8(images).split(batch_size):
         hidden = model[:-2](x.to(device))  # before the dropout and the output layer
         features.append(hidden.double().cpu())
         predicted.append(model[-1](hidden).argmax(1).cpu())
@@ -307,7 +303,7 @@ def synthetic_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns the results written to evaluation.json."""
     settings = cfg.evaluate
-    try:
+    with settings_checked():
         check_settings(settings)
         metrics = chosen_metrics(settings)
         device = pick_device(cfg.sample.device)
@@ -321,8 +317,6 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         real = {split: dataset_arrays(data.images(split)) for split in splits}
         extractor = inception(settings.inception_weights) if inception_needed else None
         synthetic = synthetic_images(cfg)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(str(error)) from error
     real_shape = next(iter(real.values()))[0].shape[1:]
     if synthetic[0].shape[1:] != real_shape:
         raise ConfigError(f"the samples have shape {synthetic[0].shape[1:]} (C, H, W) but data={data.dataset} gives {real_shape}: evaluate against the data the model was trained on")

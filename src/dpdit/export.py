@@ -5,7 +5,8 @@ checkpoint:
 
     python -m dpdit.export outputs/2026-11-22/12-00-00 [--ckpt PATH] [--output DIR]
 
-rebuilds the run's model from its saved Hydra config and exports the checkpoint's EMA.
+rebuilds the run's model from the configuration stored in the checkpoint (as
+`python -m dpdit.sample` does) and exports the checkpoint's EMA.
 Both a fine-tuned diffusers DiT (`model=pretrained`) and dpdit's own DiT export; LoRA
 adapters are merged into their base weights. dpdit's DiT becomes a `DiTTransformer2DModel`
 that computes exactly what it computed, which needs `model.mlp_ratio=4.0` and
@@ -49,13 +50,12 @@ from pathlib import Path
 import torch
 from diffusers import DiTPipeline, DiTTransformer2DModel
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from dpdit.checkpoints import EMA_PREFIX, last_checkpoint, model_of, read_checkpoint, weights_under
 from dpdit.diffusion import GaussianDiffusion
 from dpdit.models.dit import DiT
 from dpdit.models.finetune import is_adapter
 from dpdit.models.pretrained import PretrainedDiT
-from dpdit.train import read_checkpoint, weights_under
 
 # DiTPipeline hard-codes the null class id 1000 (ImageNet's classes are 0..999).
 PIPELINE_NULL_CLASS = 1000
@@ -246,30 +246,26 @@ def _no_missing_vae_warning():
 
 def ema_state(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
     """The EMA weights of a training checkpoint, keyed as the model's own state_dict."""
-    return weights_under(read_checkpoint(str(checkpoint_path), "--ckpt"), "ema.module.")
+    return weights_under(read_checkpoint(str(checkpoint_path), "--ckpt"), EMA_PREFIX)
 
 
 def export_run(run_dir: str | Path, checkpoint: str | Path | None = None, output: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
-    config_path = run_dir / ".hydra" / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: pass the directory of a training run")
-    checkpoint = Path(checkpoint or run_dir / "checkpoints" / "last.ckpt")
+    checkpoint = Path(checkpoint or last_checkpoint(run_dir))
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint} not found: pass --ckpt")
+        raise FileNotFoundError(f"{checkpoint} not found: pass the directory of a training run, or --ckpt")
     output = Path(output or run_dir / "pipeline")
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty: pass another --output")
-    cfg = OmegaConf.load(config_path)
-    model = instantiate(cfg.model)
-    model.load_state_dict(ema_state(checkpoint))
+    # the model and data as trained: the run configuration stored in the checkpoint
+    model, cfg = model_of(checkpoint, "--ckpt")
     datamodule = instantiate(cfg.data)
     return export_pipeline(model, instantiate(cfg.diffusion), output, datamodule.class_names, cfg.sample.scheduler)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dpdit.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the training run's directory (holds .hydra/config.yaml)")
+    parser.add_argument("run_dir", help="the training run's directory (holds checkpoints/last.ckpt)")
     parser.add_argument("--ckpt", help="checkpoint to export (default: RUN_DIR/checkpoints/last.ckpt)")
     parser.add_argument("--output", help="pipeline directory to write (default: RUN_DIR/pipeline)")
     args = parser.parse_args(argv)

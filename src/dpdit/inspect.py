@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from opacus.grad_sample import GradSampleHooks
@@ -40,7 +39,7 @@ from opacus.grad_sample.utils import get_hooks_class
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dpdit.cli import ConfigError, command
+from dpdit.cli import ConfigError, command, settings_checked
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity, gram_matrices_outweigh_gradient
@@ -87,21 +86,17 @@ def check_settings(cfg: DictConfig) -> None:
             f"inspect.batch_size={batch_size} must be a whole number of at least 1: the physical "
             "batch (images per backward pass) the memory estimate is for"
         )
-    try:
+    with settings_checked():
         check_noise_multiplicity(cfg.privacy.noise_multiplicity)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
 
 
 def build_model(model_config: DictConfig) -> nn.Module:
     """dpdit's DiT on the meta device; a pretrained model loaded as training loads it."""
-    try:
+    with settings_checked():
         if model_config.get("pretrained", False):
             return instantiate(model_config)
         with torch.device("meta"):
             return instantiate(model_config)
-    except (ValueError, FileNotFoundError, InstantiationException) as error:
-        raise ConfigError(str(error)) from error
 
 
 def opacus_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

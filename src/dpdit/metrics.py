@@ -5,11 +5,11 @@ non-private diagnostic for the developer, not a released statistic."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from dpdit.data import load_digits_tensors
+from dpdit.images import from_uint8
 
 
 def digits_classifier() -> LogisticRegression:
@@ -20,7 +20,7 @@ def digits_classifier() -> LogisticRegression:
 
 def to_digits_features(images: np.ndarray) -> np.ndarray:
     """uint8 N x 1 x H x W images as 8x8 [-1, 1] feature rows."""
-    x = torch.from_numpy(images).float() / 255.0 * 2.0 - 1.0
+    x = from_uint8(images)
     if x.shape[-1] != 8:
         x = F.interpolate(x, size=(8, 8), mode="area")
     return x.flatten(1).numpy()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -13,13 +12,14 @@ from torch.optim.swa_utils import AveragedModel
 from dpdit.diffusion import GaussianDiffusion
 from dpdit.distributed import check_replicas_identical
 from dpdit.privacy import DPSGDTraining, NonPrivateTraining, check_parameters_held, full_precision, mean_over_draws
+from dpdit.randomness import derived_seed
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of one rank's model randomness (timesteps, diffusion noise, label dropout) in
     one step: independent across ranks, and the same in a resumed and an uninterrupted run.
     The DP mechanism's own draws (batches, noise) come from `dpdit.randomness` instead."""
-    return int(np.random.SeedSequence([seed, 1, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(seed, 1, rank, step)
 
 
 def ema_with_warmup(decay: float) -> Callable:

@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dpdit.checkpoints import last_checkpoint
 from dpdit.files import write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
         if record_path.is_file():
             log.info("public prior: reusing %s (trained without privacy on public data=%s)", directory, public.data.dataset)
             return json.loads(record_path.read_text())
-        last = directory / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(directory)
         with open_dict(public):
             public.paths.output_dir = str(directory)
             public.ckpt_path = str(last) if last.is_file() else None

@@ -44,6 +44,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 
+from dpdit.bisection import bracket, last_fitting, narrow
 from dpdit.randomness import PrivateRandomness
 
 # Accountants whose epsilon is an upper bound on the true one, tightest first: Google's
@@ -152,23 +153,22 @@ def calibrate_noise_multiplier(
     def spent(sigma: float) -> float:
         return epsilon_of([*history, (sigma, sample_rate, steps)], delta, accountant)
 
-    low, high = 0.0, 1.0
-    while spent(high) > target_epsilon:
-        low, high = high, 2.0 * high
-        if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"privacy.target_epsilon={target_epsilon} is unreachable: even noise multiplier "
-                f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at sample rate "
-                f"{sample_rate:.4g} (delta={delta:g}). Raise privacy.target_epsilon, lower "
-                "trainer.max_steps or data.batch_size."
-            )
-    while target_epsilon - spent(high) > tolerance and high - low > 1e-6 * high:
-        middle = (low + high) / 2.0
-        if spent(middle) > target_epsilon:
-            low = middle
-        else:
-            high = middle
-    return high
+    def too_little(sigma: float) -> bool:
+        return spent(sigma) > target_epsilon
+
+    bracketed = bracket(too_little, limit=MAX_NOISE_MULTIPLIER)
+    if bracketed is None:
+        raise ValueError(
+            f"privacy.target_epsilon={target_epsilon} is unreachable: even noise multiplier "
+            f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at sample rate "
+            f"{sample_rate:.4g} (delta={delta:g}). Raise privacy.target_epsilon, lower "
+            "trainer.max_steps or data.batch_size."
+        )
+    # the smallest sigma found that meets the target, within `tolerance` of it in epsilon
+    _, sigma = narrow(
+        too_little, *bracketed, done=lambda low, high: target_epsilon - spent(high) <= tolerance or high - low <= 1e-6 * high
+    )
+    return sigma
 
 
 def steps_within_budget(
@@ -185,11 +185,7 @@ def steps_within_budget(
         return steps
     if not fits(0):
         return 0
-    low, high = 0, steps  # fits(low), not fits(high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+    return last_fitting(fits, 0, steps)
 
 
 def epsilon_by_accountant(history: History, delta: float, accountants: tuple[str, ...] = ACCOUNTANTS) -> dict[str, float]:

@@ -35,6 +35,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dpdit.bisection import last_fitting
 from dpdit.cli import ConfigError, command
 from dpdit.module import DiffusionModule
 from dpdit.privacy import (
@@ -286,10 +287,7 @@ def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
         low = candidate
     else:
         return low
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+    return last_fitting(fits, low, high)
 
 
 def find_max_batch(config: dict[str, Any], mode: str) -> dict[str, Any]:

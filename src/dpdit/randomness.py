@@ -137,3 +137,18 @@ class PrivateRandomness:
                 "remove it from the weights; the epsilon above holds only if the seed stays secret"
             ),
         }
+
+
+def derived_seed(*entropy: int) -> int:
+    """A 63-bit seed derived from `entropy` (NumPy's SeedSequence): independent seeds for
+    different entropy tuples, e.g. (seed, purpose, rank, step)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def tensor_digest(named_tensors, header: str = "") -> str:
+    """A SHA-256 of `header` and every (name, tensor) pair's name and bits."""
+    digest = hashlib.sha256(header.encode())
+    for name, tensor in named_tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -25,10 +25,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpdit.cli import ConfigError, command
+from dpdit.checkpoints import model_of
+from dpdit.cli import command, settings_checked
 from dpdit.diffusion import SAMPLERS, GaussianDiffusion
 from dpdit.images import save_grid, to_uint8
-from dpdit.train import initialise_from, read_checkpoint
+from dpdit.randomness import derived_seed
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,7 +37,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image `index`'s generator: independent across images and seeds."""
-    return int(np.random.SeedSequence([seed, 2, index]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(seed, 2, index)
 
 
 def class_labels(num_images: int, labels: Sequence[int] | None, num_classes: int) -> torch.Tensor:
@@ -84,12 +85,7 @@ def load_checkpoint_model(ckpt_path: str | None) -> tuple[nn.Module, GaussianDif
     """A checkpoint's EMA model, its diffusion and the configuration it was trained with."""
     if ckpt_path is None:
         raise ValueError("ckpt_path is not set: give a checkpoint written by train.py, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
-    checkpoint = read_checkpoint(ckpt_path, "ckpt_path")
-    if "config" not in checkpoint:
-        raise ValueError(f"ckpt_path={ckpt_path} holds no run configuration: give a checkpoint written by train.py")
-    config = OmegaConf.create(checkpoint["config"])
-    model = instantiate(config.model)
-    initialise_from(model, checkpoint, ckpt_path, setting="ckpt_path")
+    model, config = model_of(ckpt_path, "ckpt_path")
     return model, instantiate(config.diffusion), config
 
 
@@ -131,14 +127,12 @@ def check_settings(settings: DictConfig) -> None:
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     """Sample as configured and write the outputs; returns what was written."""
-    try:
+    with settings_checked():
         settings = cfg.sample
         check_settings(settings)
         device = pick_device(settings.device)
         model, diffusion, run_config = load_checkpoint_model(cfg.ckpt_path)
         labels = class_labels(settings.num_images, settings.class_labels, model.null_class)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(str(error)) from error
     output_dir = Path(cfg.paths.output_dir)
     images = generate(
         model.to(device), diffusion, labels.to(device), settings.guidance_scale, settings.steps,

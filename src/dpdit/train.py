@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dpdit.cli import ConfigError
+from dpdit.checkpoints import initialise_from, last_checkpoint, privacy_state, read_checkpoint, weights_under
+from dpdit.cli import settings_checked
 from dpdit.cluster import resume_checkpoint
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.files import write_text_atomically
 from dpdit.logs import finish_wandb_runs
-from dpdit.models.finetune import weights_for
 from dpdit.module import DiffusionModule
 from dpdit.prior import prepare_prior, start_from_prior, uses_pretrained_model
 from dpdit.privacy import (
@@ -41,49 +39,6 @@ from dpdit.privacy import (
 from dpdit.randomness import PrivateRandomness
 
 log = logging.getLogger(__name__)
-
-
-def read_checkpoint(path: str | None, setting: str) -> dict[str, Any] | None:
-    """A checkpoint's contents, memory-mapped (the weights are read only where used)."""
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{setting}={path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise ValueError(
-            f"{setting}={path} cannot be read ({str(error).splitlines()[0].split('. ')[0]}): the file is truncated, "
-            "corrupt or not a checkpoint written by train.py; give another checkpoint (e.g. an earlier "
-            "one from the same checkpoints/ folder)"
-        ) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{setting}={path} is not a checkpoint written by train.py (it holds no state_dict)")
-    return checkpoint
-
-
-def privacy_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return checkpoint.get("privacy", {"enabled": False})
-
-
-def weights_under(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors of the submodule at `prefix` (`model.`, `ema.module.`), named as in it."""
-    return {key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
-
-
-def initialise_from(model: torch.nn.Module, checkpoint: dict[str, Any], path: str, setting: str = "init_ckpt_path") -> None:
-    """Load the EMA weights of an earlier run (the weights its samples came from); a plain
-    run's weights go into the base layers of a model with LoRA adapters."""
-    weights = weights_under(checkpoint, "ema.module.")
-    if not weights:
-        raise ValueError(f"{setting}={path} holds no EMA weights: give a checkpoint written by train.py")
-    try:
-        model.load_state_dict(weights_for(model, weights))
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(
-            f"{setting}={path} does not fit this model ({str(error).splitlines()[0]}): "
-            "set model=... and its sizes as in the run that wrote it"
-        ) from error
 
 
 def inherited_history(config: PrivacyConfig, checkpoint: dict[str, Any], path: str) -> History:
@@ -159,7 +114,7 @@ def run_randomness(config: PrivacyConfig, seed: int) -> PrivateRandomness:
 
 
 def check_output_directory(output_dir: str, ckpt_path: str | None) -> None:
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     if last.exists() and (ckpt_path is None or Path(ckpt_path).resolve() != last.resolve()):
         raise FileExistsError(
             f"{last} already exists and would be overwritten: resume it with ckpt_path={last} "
@@ -268,10 +223,8 @@ def setup(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]
     """Build and check everything; raises ConfigError before any training or writing.
     A requeued SLURM job resumes from its run directory's last checkpoint."""
     cfg.ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
-    try:
+    with settings_checked():
         return _build(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, InstantiationException) as error:
-        raise ConfigError(str(error)) from error
 
 
 def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:

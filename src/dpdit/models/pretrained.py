@@ -10,7 +10,6 @@ label dropout is drawn once per image by the diffusion loss before the model is 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from dpdit.models.dit import DiT, modulate, unpatchify
 from dpdit.models.finetune import DIT_RULES, PRETRAINED_RULES, apply_finetune
+from dpdit.randomness import tensor_digest
 
 DEFAULT_DIT = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -106,11 +106,7 @@ class FrozenVAE:
 
     def fingerprint(self) -> str:
         """Changes whenever the VAE's configuration or weights change."""
-        digest = hashlib.sha256(repr(sorted(dict(self.autoencoder.config).items())).encode())
-        for name, tensor in self.autoencoder.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return tensor_digest(self.autoencoder.state_dict().items(), header=repr(sorted(dict(self.autoencoder.config).items())))
 
 
 def load_vae(name_or_path: str, cache_dir=None, local_files_only=False) -> FrozenVAE:
