@@ -296,7 +296,7 @@ def _build(cfg: DictConfig) -> tuple[L.Trainer, DiffusionModule, ImageDataModule
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the privacy report."""
     trainer, module, datamodule = setup(cfg)
-    log.info("%s; writing into %s", describe_privacy(module.privacy.report()), cfg.paths.output_dir)
+    log.info("%s; writing into %s", describe_privacy(module.privacy), cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finish_wandb_runs(trainer.loggers)
     report = module.privacy.report()
@@ -305,12 +305,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def describe_privacy(report: dict[str, Any]) -> str:
-    if not report["enabled"]:
+def describe_privacy(privacy: DPSGDTraining | NonPrivateTraining) -> str:
+    """The mechanism's settings, read from it (no accountant runs for this line)."""
+    if not privacy.enabled:
         return "training without privacy"
-    target = "" if report["target_epsilon"] is None else f"target epsilon {report['target_epsilon']:g} "
+    config = privacy.config
+    target = "" if config.target_epsilon is None else f"target epsilon {config.target_epsilon:g} "
     return (
-        f"DP-SGD: noise multiplier {report['noise_multiplier']:.4g}, clip bound {report['max_grad_norm']:g}, "
-        f"sample rate {report['sample_rate']:.4g} of {report['dataset_size']} images, {target}at delta "
-        f"{report['delta']:g} ({report['accountant']}), randomness {report['randomness']}"
+        f"DP-SGD: noise multiplier {privacy.noise_multiplier:.4g}, clip bound {config.max_grad_norm:g}, "
+        f"sample rate {privacy.sample_rate:.4g} of {privacy.dataset_size} images, {target}at delta "
+        f"{config.delta:g} ({config.accountant}), randomness {privacy.randomness.describe()['randomness']}"
     )
