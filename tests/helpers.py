@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from dpdit.models import DiT, PretrainedDiT
 from dpdit.module import DiffusionModule
-from dpdit.privacy import DPSGDTraining, PrivacyConfig
+from dpdit.privacy import DPSGD, PrivacyConfig
 from dpdit.profile import RepeatedBatch
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -103,7 +103,7 @@ def run_step(privacy, physical_batch_size, loss=FixedLoss(), data=None, model=No
 
 def dp(clipping, max_grad_norm=1.0, noise_multiplier=0.0, dataset_size=BATCH):
     config = PrivacyConfig(clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
-    return DPSGDTraining(config, sample_rate=1.0, dataset_size=dataset_size, noise_multiplier=noise_multiplier)
+    return DPSGD(config, sample_rate=1.0, dataset_size=dataset_size, noise_multiplier=noise_multiplier)
 
 
 def per_sample_gradients(images, labels):

@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 from scipy.special import gammaln, logsumexp
 
-from dpdit.privacy import (
-    ACCOUNTANTS,
-    ESTIMATES,
-    RDP_ORDERS,
-    PrivacyConfig,
-    _rdp_of_one_step,
-    calibrate_noise_multiplier,
-    epsilon_of,
-)
+from dpdit.privacy import PrivacyConfig
+from dpdit.privacy.accounting import ACCOUNTANTS, ESTIMATES, RDP_ORDERS, _rdp_of_one_step, calibrate_noise_multiplier, epsilon_of
 
 
 def subsampled_gaussian_rdp(q: float, sigma: float, alpha: int) -> float:

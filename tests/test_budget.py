@@ -136,7 +136,7 @@ def test_fine_tuning_from_weights_without_privacy_history_needs_disjoint_data(ma
 
 
 def test_fine_tuning_starts_from_the_earlier_ema_weights(make_config, tmp_path):
-    from dpdit.train import setup
+    from dpdit.build import setup
 
     train(make_config(name="earlier"))
     earlier = checkpoint(tmp_path / "earlier")["state_dict"]

@@ -17,7 +17,8 @@ from dpdit.cluster import Requeued
 from dpdit.distributed import DPDDPStrategy
 from dpdit.module import DiffusionModule
 from dpdit.cli import ConfigError
-from dpdit.train import make_trainer, setup, train
+from dpdit.build import make_trainer, setup
+from dpdit.train import train
 
 
 def compose_train(*overrides, hydra=False):

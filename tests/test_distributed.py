@@ -18,7 +18,7 @@ from helpers import BATCH, FAST, batch, dp, norm, per_sample_gradients, run_step
 
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
-from dpdit.privacy import DPSGDTraining, NonPrivateTraining, PrivacyConfig
+from dpdit.privacy import DPSGD, NonPrivate, PrivacyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"even": ([0, 2, 4], [1, 3, 5]), "uneven": ([0, 1, 2, 3, 4], [5]), "one rank empty": ([0, 1, 2, 3, 4, 5], [])}
@@ -44,14 +44,14 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
     # Processes started outside Lightning, like torchrun's or srun's.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank))
     results = {}
-    for clipping in ("hooks", "ghost"):
+    for clipping in ("hooks", "ghost", "bookkeeping"):
         for name, split in SPLITS.items():
             _, update = ddp_step(dp(clipping, max_grad_norm=bound), shard(split[rank]))
             results[clipping, name] = update
-    _, results["none"] = ddp_step(NonPrivateTraining(BATCH), shard(SPLITS["even"][rank]))
+    _, results["none"] = ddp_step(NonPrivate(BATCH), shard(SPLITS["even"][rank]))
 
     sigma, bound_noise, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
-    privacy = DPSGDTraining(
+    privacy = DPSGD(
         PrivacyConfig(clipping="ghost", max_grad_norm=bound_noise, noise_multiplier=sigma),
         sample_rate=0.5,
         dataset_size=2 * expected,
@@ -84,7 +84,7 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("split", SPLITS)
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 def test_two_process_step_equals_one_process_step_over_the_global_batch(two_ranks, clipping, split):
     ranks, bound = two_ranks
     # Half of the images are clipped at this bound, so clipping is really tested.
@@ -96,7 +96,7 @@ def test_two_process_step_equals_one_process_step_over_the_global_batch(two_rank
 
 def test_non_private_two_process_step_equals_one_process_step(two_ranks):
     ranks, _ = two_ranks
-    _, single = run_step(NonPrivateTraining(BATCH), physical_batch_size=2, data=batch())
+    _, single = run_step(NonPrivate(BATCH), physical_batch_size=2, data=batch())
     for rank in ranks:
         for got, want in zip(rank["none"], single):
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)

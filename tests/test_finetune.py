@@ -118,7 +118,7 @@ def perturbed(model):
     return model
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 @pytest.mark.parametrize("build", ["dit", "pretrained"])
 def test_lora_per_sample_gradients_match_micro_batching(tiny_pipeline, build, clipping):
     torch.manual_seed(0)
@@ -245,7 +245,7 @@ def test_parameters_held_by_optimizer_and_hooks_are_the_models_after_a_move():
     model.to(torch.float64)
     assert all(a is b for a, b in zip(trainable_before, (p for p in model.parameters() if p.requires_grad)))
     privacy = dp("ghost")
-    optimizer = privacy.prepare(model, torch.optim.SGD(trainable_before, lr=1.0))
+    optimizer = privacy.attach(model, torch.optim.SGD(trainable_before, lr=1.0))
     check_parameters_held(model, optimizer, privacy.hooks)
 
     # New parameter objects after the optimizer and the hooks were made (opacus#820's trap)

@@ -15,12 +15,8 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from dpdit.inspect import (
-    FUNCTORCH,
-    GHOST_NORM,
-    HOOK,
     build_model,
     clipping_layers,
-    clipping_path,
     duplicated_embedders,
     finetune_choices,
     inspect_model,
@@ -31,6 +27,7 @@ from dpdit.inspect import (
     trace,
 )
 from dpdit.models import PretrainedDiT
+from dpdit.privacy.per_sample import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, clipping_path
 from dpdit.models.finetune import PRETRAINED_RULES
 from dpdit.cli import ConfigError
 
@@ -96,8 +93,13 @@ def test_paper_size_table_matches_the_published_numbers():
 
 def test_every_dit_layer_takes_the_expected_path_in_every_mode(make_inspect_config):
     report = inspect_model(make_inspect_config())
+    opacus_paths = {"hooks": HOOK, "ghost": GHOST_NORM, "functorch": FUNCTORCH}
     for row in report["clipping"]:
-        assert row["paths"] == {"hooks": HOOK, "ghost": GHOST_NORM, "functorch": FUNCTORCH}, row["name"]
+        assert {mode: row["paths"][mode] for mode in opacus_paths} == opacus_paths, row["name"]
+        # book-keeping forms the per-image gradient where two 16 x 16 Gram matrices hold more
+        # values than the weight (the patch embedding's 4 x 32, the final layer's 32 x 4)
+        small = row["name"] in ("x_embedder.proj", "final_layer.linear")
+        assert row["paths"]["bookkeeping"] == (OWN_GRADIENT if small else GHOST_NORM), row["name"]
         assert row["problems"] == [], row["name"]
 
 
@@ -130,8 +132,11 @@ def test_layers_without_a_sampler_and_linears_ghost_cannot_take(dims):
     layers = opacus_layers(model)
     calls, _ = trace(model, layers, (x[:1],))
     linear, scale = clipping_layers(layers, calls)
-    assert scale.paths == {"hooks": FUNCTORCH, "ghost": FUNCTORCH, "functorch": FUNCTORCH}
-    assert linear.paths == {"hooks": HOOK, "ghost": GHOST_NORM, "functorch": FUNCTORCH}
+    assert scale.paths == {"hooks": FUNCTORCH, "ghost": FUNCTORCH, "functorch": FUNCTORCH, "bookkeeping": FUNCTORCH}
+    # book-keeping's own Linear rule takes any input: 2 (3-D) or 4 (4-D) tokens per image,
+    # and the per-image gradient once two T x T Gram matrices outweigh the 4 x 4 weight
+    bookkeeping = GHOST_NORM if dims == 3 else OWN_GRADIENT
+    assert linear.paths == {"hooks": HOOK, "ghost": GHOST_NORM, "functorch": FUNCTORCH, "bookkeeping": bookkeeping}
     assert linear.input_shape == [2] * (dims - 2) + [4]
     if dims == 3:
         assert linear.problems == []

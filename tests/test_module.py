@@ -1,7 +1,7 @@
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from dpdit.module import ema_with_warmup
+from dpdit.module import TrainedWeightsAverage, ema_with_warmup
 
 
 def test_ema_decay_warms_up_then_holds():
@@ -19,3 +19,25 @@ def test_ema_decay_warms_up_then_holds():
             expected = decay * expected + (1 - decay) * value
         assert abs(ema.module.weight.item() - expected) < 1e-5
     assert min(0.9, 2 / 11) == 2 / 11 and abs(ema.module.weight.item() - 10.0) < 1e-3
+
+
+def test_the_ema_averages_only_trained_weights_and_equals_averaging_all():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    averaged = []
+
+    def recording(ema_parameters, parameters, num_averaged):
+        averaged.append(len(ema_parameters))
+        ema_with_warmup(0.9)(ema_parameters, parameters, num_averaged)
+
+    trained_only = TrainedWeightsAverage(model, multi_avg_fn=recording, use_buffers=False)
+    every_weight = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.9), use_buffers=False)
+    for _ in range(5):
+        with torch.no_grad():
+            model[1].weight.add_(torch.randn_like(model[1].weight))
+        trained_only.update_parameters(model)
+        every_weight.update_parameters(model)
+    assert averaged == [2] * 4  # the first update copies; then the trained weight and bias only
+    for got, want in zip(trained_only.state_dict().values(), every_weight.state_dict().values()):
+        assert torch.equal(got, want)

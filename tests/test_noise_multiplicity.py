@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, PrivacyConfig, gram_matrices_outweigh_gradient
+from dpdit.privacy import CLIPPING_MODES, DPSGD, PrivacyConfig, gram_matrices_outweigh_gradient
 from helpers import BATCH, batch, latent_batch, norm, pretrained, run_step, tiny_model
 
 
@@ -35,7 +35,7 @@ class RecordedDraws:
 
 def dp(clipping, draws, max_grad_norm, noise_multiplier=0.0):
     config = PrivacyConfig(clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, noise_multiplicity=draws)
-    return DPSGDTraining(config, sample_rate=1.0, dataset_size=BATCH, noise_multiplier=noise_multiplier)
+    return DPSGD(config, sample_rate=1.0, dataset_size=BATCH, noise_multiplier=noise_multiplier)
 
 
 def row_gradients(model, rows):
@@ -103,12 +103,12 @@ def test_pretrained_image_gradient_is_the_mean_of_its_draws(tiny_pipeline, clipp
 def test_accounting_does_not_depend_on_the_number_of_draws(draws):
     privacy = dp("hooks", draws, max_grad_norm=1.0, noise_multiplier=1.3)
     run_step(privacy, physical_batch_size=4, loss=RecordedDraws(), steps=2)
-    assert privacy.accountant.history == [(1.3, 1.0, 2)]
+    assert privacy.ledger.history == [(1.3, 1.0, 2)]
 
 
 @pytest.mark.slow
 def test_calibrated_noise_does_not_depend_on_the_number_of_draws(make_config):
-    from dpdit.train import setup
+    from dpdit.build import setup
 
     sigmas = [setup(make_config(f"privacy.noise_multiplicity={k}", name=f"k{k}"))[1].privacy.noise_multiplier for k in (1, 8)]
     assert sigmas[0] == sigmas[1]
@@ -117,7 +117,7 @@ def test_calibrated_noise_does_not_depend_on_the_number_of_draws(make_config):
 @pytest.mark.parametrize("draws", [0, -2, 1.5])
 def test_invalid_noise_multiplicity_is_refused_before_training(make_config, draws):
     from dpdit.cli import ConfigError
-    from dpdit.train import setup
+    from dpdit.build import setup
 
     with pytest.raises(ConfigError, match=f"privacy.noise_multiplicity={draws} must be a whole number >= 1"):
         setup(make_config(f"privacy.noise_multiplicity={draws}"))
@@ -144,8 +144,8 @@ def check_ghost_norms_with_draws(model, rows, draws):
         expected.append(norm([p.grad for p in model.parameters()]))
 
     privacy = dp("ghost", draws, max_grad_norm=1.0)
-    privacy.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-    privacy.backward(None, (model(rows) ** 2).flatten(1).sum(1).unflatten(0, (-1, draws)).mean(1))
+    privacy.attach(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    privacy.per_sample_gradients((model(rows) ** 2).flatten(1).sum(1).unflatten(0, (-1, draws)).mean(1), None)
     torch.testing.assert_close(privacy.take_gradient_norms(), torch.stack(expected), rtol=1e-9, atol=0)
 
 

@@ -17,7 +17,8 @@ from dpdit.export import main as export_main
 from dpdit.models import FrozenVAE
 from dpdit.sample import run_sampling
 from dpdit.cli import ConfigError
-from dpdit.train import setup, train
+from dpdit.build import setup
+from dpdit.train import train
 
 
 def test_forward_is_diffusers_forward(tiny_pipeline):
@@ -74,7 +75,7 @@ def attention_names(model):
     }
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 @pytest.mark.parametrize("finetune", ["full", "attention", "frozen_embedders"])
 def test_per_sample_gradients_match_micro_batching(tiny_pipeline, clipping, finetune):
     base = pretrained(tiny_pipeline, finetune=finetune).double()
@@ -120,7 +121,7 @@ def run_overrides(hub, cache, *extra):
     ]
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 def test_train_fine_tunes_and_exports_a_dit_pipeline(make_config, tiny_pipeline, tmp_path, clipping):
     extra = [f"privacy.clipping={clipping}", "model.finetune=attention", "privacy.noise_multiplicity=2"]
     report = train(make_config(*run_overrides(tiny_pipeline, tmp_path / "latents", *extra), fast=False))

@@ -10,7 +10,7 @@ import torch
 
 from helpers import BATCH, batch, dp, norm, per_sample_gradients, run_step, tiny_model, ZeroLoss
 
-from dpdit.privacy import CLIPPING_MODES, DPSGDTraining, NonPrivateTraining, PrivacyConfig
+from dpdit.privacy import CLIPPING_MODES, DPSGD, NonPrivate, PrivacyConfig
 
 
 @pytest.mark.parametrize("clipping", CLIPPING_MODES)
@@ -48,7 +48,7 @@ def test_every_micro_batch_counts(clipping):
 @pytest.mark.parametrize("clipping", CLIPPING_MODES)
 def test_dp_step_without_noise_or_clipping_equals_non_private_step(clipping):
     _, private = run_step(dp(clipping, max_grad_norm=1e6), physical_batch_size=4)
-    _, baseline = run_step(NonPrivateTraining(BATCH), physical_batch_size=4)
+    _, baseline = run_step(NonPrivate(BATCH), physical_batch_size=4)
     for got, want in zip(private, baseline):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
 
@@ -56,7 +56,7 @@ def test_dp_step_without_noise_or_clipping_equals_non_private_step(clipping):
 @pytest.mark.parametrize("clipping", CLIPPING_MODES)
 def test_noise_has_the_expected_standard_deviation_once_per_logical_step(clipping):
     sigma, bound, expected_batch = 2.0, 0.5, 8
-    privacy = DPSGDTraining(
+    privacy = DPSGD(
         PrivacyConfig(clipping=clipping, max_grad_norm=bound, noise_multiplier=sigma),
         sample_rate=0.5,
         dataset_size=2 * expected_batch,
@@ -86,18 +86,19 @@ def test_accountant_counts_logical_steps_not_micro_batches():
     privacy = dp("hooks", noise_multiplier=1.0)
     module, _ = run_step(privacy, physical_batch_size=2, steps=3)
     assert privacy.steps == 3
-    assert privacy.accountant.history == [(1.0, 1.0, 3)]
+    assert privacy.ledger.history == [(1.0, 1.0, 3)]
     assert module.trainer.global_step == 3
 
 
+@pytest.mark.parametrize("clipping", ["hooks", "bookkeeping"])
 @pytest.mark.parametrize("seed", range(4))
-def test_bf16_mixed_clips_in_float32(seed):
+def test_bf16_mixed_clips_in_float32(seed, clipping):
     """Under bf16 autocast one image clipped to C moves the weights by exactly C / E.
     Per-sample gradients or norms left in bfloat16 miss C by about 0.1-0.3%."""
     bound = 1e-3  # far below every per-sample norm: the image is clipped
     images, labels = batch(size=1, seed=seed)
     _, update = run_step(
-        dp("hooks", max_grad_norm=bound, dataset_size=1),
+        dp(clipping, max_grad_norm=bound, dataset_size=1),
         physical_batch_size=1,
         data=(images.float(), labels),
         model=tiny_model().float(),
@@ -118,7 +119,7 @@ def test_bf16_mixed_clips_in_float32(seed):
 )
 def test_precisions_that_break_the_dp_step_are_refused(make_config, precision, clipping, message):
     from dpdit.cli import ConfigError
-    from dpdit.train import setup
+    from dpdit.build import setup
 
     with pytest.raises(ConfigError, match=message):
         setup(make_config(f"trainer.precision={precision}", f"privacy.clipping={clipping}"))

@@ -15,14 +15,15 @@ from scipy import stats
 from helpers import BATCH, ZeroLoss, run_step, tiny_model
 
 from dpdit.data import ImageDataModule, LogicalBatchSampler
-from dpdit.privacy import DPSGDTraining, PrivacyConfig
+from dpdit.privacy import DPSGD, PrivacyConfig
 from dpdit.randomness import PrivateRandomness
-from dpdit.train import setup, train
+from dpdit.build import setup
+from dpdit.train import train
 
 
 def noise_of_one_step(secure_mode: bool) -> torch.Tensor:
     """The update of one DP step whose clipped gradients are all zero: the noise alone, / B."""
-    privacy = DPSGDTraining(
+    privacy = DPSGD(
         PrivacyConfig(clipping="ghost", noise_multiplier=1.0, secure_mode=secure_mode),
         sample_rate=1.0,
         dataset_size=BATCH,

@@ -12,7 +12,8 @@ import torch
 
 from dpdit.files import AtomicCheckpointIO, write_atomically
 from dpdit.cli import ConfigError
-from dpdit.train import setup, train
+from dpdit.build import setup
+from dpdit.train import train
 
 
 def last_checkpoint(run_dir):

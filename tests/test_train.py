@@ -32,7 +32,7 @@ def test_default_config_composes(make_config):
     assert cfg.trainer.use_distributed_sampler is False
 
 
-@pytest.mark.parametrize("clipping", ["ghost", "hooks"])
+@pytest.mark.parametrize("clipping", ["ghost", "hooks", "bookkeeping"])
 def test_short_run_writes_every_output(make_config, tmp_path, clipping):
     cfg = make_config(f"privacy.clipping={clipping}")
     train(cfg)

@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from dpdit.bisection import bracket, narrow
+from dpdit.build import setup
 from dpdit.cli import ConfigError, Interrupted, command
 from dpdit.data import ImageDataModule
 from dpdit.diffusion import GaussianDiffusion, mean_per_sample
 from dpdit.logs import finish_wandb_runs
-from dpdit.train import setup
 
 
 def make_canaries(count: int, shape: tuple[int, ...], first_label: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

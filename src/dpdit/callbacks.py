@@ -75,8 +75,8 @@ class PrivacyReport(L.Callback):
         privacy = pl_module.privacy
         if privacy.budget_exhausted and trainer.global_step < trainer.max_steps:
             stopped = (
-                f"privacy budget: one more step would spend epsilon {privacy.epsilon_after_next_step():.4g} "
-                f"> privacy.target_epsilon={privacy.config.target_epsilon:g}"
+                f"privacy budget: one more step would spend epsilon {privacy.ledger.epsilon_after_next_step():.4g} "
+                f"> privacy.target_epsilon={privacy.ledger.target_epsilon:g}"
             )
         else:
             stopped = f"trainer.max_steps={trainer.max_steps} reached"

@@ -42,14 +42,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from dpdit.cli import ConfigError, command, settings_checked
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
-from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity, gram_matrices_outweigh_gradient
+from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity
+from dpdit.privacy.per_sample import GHOST_NORM, clipping_path, gram_matrices_outweigh_gradient
 from dpdit.profile import VANILLA
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-GHOST_NORM = "ghost norm"
-HOOK = "per-sample gradient (hook)"
-FUNCTORCH = "per-sample gradient (functorch)"
 
 # A block's parts by the names of its submodules: dpdit's DiT, then diffusers' DiT.
 BLOCK_EMBEDDERS = "norm1.emb"
@@ -241,19 +238,6 @@ def opacus_verdict(model: nn.Module, clipping: str) -> dict[str, Any]:
 #################################################################################
 
 
-def clipping_path(module: nn.Module, mode: str) -> str:
-    """How Opacus gets this layer's per-sample norm in `mode` (privacy.prepare's settings):
-    ghost takes a norm sampler where one is registered; otherwise a registered hook sampler
-    computes the per-sample gradient, and functorch (forced in `functorch` mode) does for
-    any other layer."""
-    hooks = get_hooks_class(mode)
-    if type(module) in getattr(hooks, "NORM_SAMPLERS", {}):
-        return GHOST_NORM
-    if mode != "functorch" and type(module) in hooks.GRAD_SAMPLERS:
-        return HOOK
-    return FUNCTORCH
-
-
 def layer_problems(module: nn.Module, call: Call | None, ghost_path: str) -> list[str]:
     """Why Opacus would fail on this layer: in every mode, or with privacy.clipping=ghost."""
     if call is None:
@@ -299,6 +283,16 @@ def ghost_bytes_per_image(
     return draws * math.prod(call.output_shape[1:]) * value_bytes
 
 
+def bookkeeping_bytes_per_image(call: Call | None, path: str, parameters: int, value_bytes: int, draws: int) -> int:
+    """What book-keeping clipping keeps for this layer per image until its clipped sum: the
+    output gradients of the `draws` rows, and the per-image gradient where that is the
+    layer's path (its Gram matrices are transient, like ghost clipping's)."""
+    if call is None:
+        return 0
+    gradient = 0 if path == GHOST_NORM else parameters * value_bytes
+    return call.count * draws * math.prod(call.output_shape[1:]) * value_bytes + gradient
+
+
 @dataclass
 class Layer:
     """One layer (or functorch subtree) that Opacus gives per-sample gradients or norms."""
@@ -313,6 +307,7 @@ class Layer:
     paths: dict[str, str]
     problems: list[str]
     ghost_bytes_per_image: int
+    bookkeeping_bytes_per_image: int
 
 
 def clipping_layers(layers: list[tuple[str, nn.Module]], calls: dict[str, Call], draws: int = 1) -> list[Layer]:
@@ -320,7 +315,8 @@ def clipping_layers(layers: list[tuple[str, nn.Module]], calls: dict[str, Call],
     for name, module in layers:
         trainable = [p for p in module.parameters() if p.requires_grad]
         call = calls.get(name)
-        paths = {mode: clipping_path(module, mode) for mode in CLIPPING_MODES}
+        tokens = draws * math.prod(call.input_shape[1:-1]) if call else draws
+        paths = {mode: clipping_path(module, mode, tokens) for mode in CLIPPING_MODES}
         value_bytes = max(p.element_size() for p in trainable)
         result.append(
             Layer(
@@ -334,6 +330,7 @@ def clipping_layers(layers: list[tuple[str, nn.Module]], calls: dict[str, Call],
                 paths=paths,
                 problems=layer_problems(module, call, paths["ghost"]),
                 ghost_bytes_per_image=ghost_bytes_per_image(module, call, paths["ghost"], count(trainable), value_bytes, draws),
+                bookkeeping_bytes_per_image=bookkeeping_bytes_per_image(call, paths["bookkeeping"], count(trainable), value_bytes, draws),
             )
         )
     return result
@@ -361,7 +358,9 @@ def per_sample_memory(layers: list[Layer], batch_size: int, draws: int) -> dict[
 
     hooks and functorch keep every layer's per-row gradient until the backward pass ends
     (then the per-image means, which the optimizer clips); ghost keeps one norm per image
-    and parameter tensor, plus the largest per-layer transient, freed after that layer's norm.
+    and parameter tensor, plus the largest per-layer transient, freed after that layer's norm;
+    book-keeping keeps every layer's output gradients (and per-image gradients where it
+    forms them) from its one backward pass until the clipped sums.
     """
     per_sample_gradients = batch_size * draws * sum(layer.parameters * layer.value_bytes for layer in layers)
     norms = batch_size * sum(layer.tensors * layer.value_bytes for layer in layers)
@@ -371,6 +370,7 @@ def per_sample_memory(layers: list[Layer], batch_size: int, draws: int) -> dict[
         "hooks": per_sample_gradients,
         "ghost": norms + batch_size * peak.ghost_bytes_per_image,
         "functorch": per_sample_gradients,
+        "bookkeeping": norms + batch_size * sum(layer.bookkeeping_bytes_per_image for layer in layers),
     }
     return {
         "batch_size": batch_size,

@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from dpdit.diffusion import GaussianDiffusion
 from dpdit.distributed import check_replicas_identical
-from dpdit.privacy import DPSGDTraining, NonPrivateTraining, check_parameters_held, full_precision, mean_over_draws
+from dpdit.privacy import Mechanism
 from dpdit.randomness import derived_seed
 
 
@@ -36,6 +36,22 @@ def ema_with_warmup(decay: float) -> Callable:
     return update
 
 
+class TrainedWeightsAverage(AveragedModel):
+    """An EMA copy of a model that averages only the parameters training changes: frozen
+    ones (a fine-tuned DiT-XL/2's 600M base weights) are copied at the first update and,
+    never changing, equal the model's ever after. The copy keeps every weight, so
+    checkpoints and the exported pipeline hold the whole model."""
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.n_averaged == 0:
+            super().update_parameters(model)
+            return
+        trained = [(average, p) for average, p in zip(self.module.parameters(), model.parameters()) if p.requires_grad]
+        self.multi_avg_fn([average for average, _ in trained], [p.detach() for _, p in trained], self.n_averaged)
+        self.n_averaged += 1
+
+
 class DiffusionModule(L.LightningModule):
     """Trains `model` on the diffusion loss under `privacy` (DP-SGD or none).
 
@@ -56,7 +72,7 @@ class DiffusionModule(L.LightningModule):
         model: nn.Module,
         diffusion: GaussianDiffusion,
         optimizer: Callable[..., torch.optim.Optimizer],
-        privacy: DPSGDTraining | NonPrivateTraining,
+        privacy: Mechanism,
         physical_batch_size: int,
         ema_decay: float = 0.999,
         seed: int = 0,
@@ -66,7 +82,7 @@ class DiffusionModule(L.LightningModule):
         self.automatic_optimization = False
         self.model = model
         # The models' buffers are constants (positions, class-row maps): only weights average.
-        self.ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=False)
+        self.ema = TrainedWeightsAverage(model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=False)
         self.ema.requires_grad_(False)
         self.diffusion = diffusion
         self.optimizer_factory = optimizer
@@ -78,74 +94,40 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return self.privacy.prepare(self.model, self.optimizer_factory(trainable), self.trainer.world_size)
+        return self.privacy.attach(self.model, self.optimizer_factory(trainable), self.trainer.world_size)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step))
         images, labels = batch
-        optimizer = self.optimizers()
-        batch_size = images.shape[0]
-        # Poisson sampling can draw an empty batch; the step must still add its noise and be
-        # accounted. Opacus cannot run an empty batch, so one zero-weighted placeholder image
-        # (data-independent, contributing exactly nothing) goes through instead.
-        weight = 1.0 if batch_size else 0.0
-        if not batch_size:
-            images = images.new_zeros((1, *images.shape[1:]))
-            labels = labels.new_full((1,), self.model.null_class)
-        chunks = list(zip(images.split(self.physical_batch_size), labels.split(self.physical_batch_size)))
-        loss_sum = torch.zeros((), device=images.device)
-        draws = self.privacy.noise_multiplicity
-        for index, (x, y) in enumerate(chunks):
-            if draws > 1:
-                x, y = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)
-            loss_per_sample = weight * mean_over_draws(self.diffusion.training_losses(self.model, x, y), draws)
-            self.privacy.backward(self, loss_per_sample)
-            loss_sum += loss_per_sample.detach().sum()
-            if index < len(chunks) - 1:
-                self.privacy.end_micro_batch()
-        with full_precision(images.device):
-            optimizer.step()
-        optimizer.zero_grad()
+        sums = self.privacy.step(
+            images, labels, self.per_image_losses, self.manual_backward, self.optimizers(), self.physical_batch_size
+        )
         self.ema.update_parameters(self.model)
-
-        loss = self.log_step(loss_sum, batch_size, optimizer)
+        loss = self.log_step(sums)
         if self.privacy.budget_exhausted:
             self.trainer.should_stop = True
         return loss
 
-    def log_step(self, loss_sum: torch.Tensor, batch_size: int, optimizer) -> torch.Tensor:
-        """The global batch's loss and size (summed over ranks), the learning rate, and under
-        DP the privacy dashboard: epsilon so far and the mechanism's settings, and, as
-        non-private diagnostics, the share of per-sample gradients clipped and their mean norm."""
-        totals = [loss_sum, loss_sum.new_tensor(batch_size)]
-        norms = self.privacy.take_gradient_norms()
-        if norms is not None:
-            # An empty batch's placeholder image has no gradient to count.
-            counted = norms[:batch_size]
-            clipped = (counted > self.privacy.config.max_grad_norm).sum()
-            totals += [clipped.to(loss_sum), counted.sum().to(loss_sum)]
-        totals = self.trainer.strategy.reduce(torch.stack(totals), reduce_op="sum")
-        images = totals[1].clamp(min=1)
-        loss = totals[0] / images
+    def per_image_losses(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.diffusion.training_losses(self.model, images, labels)
+
+    def log_step(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The global batch's loss and size (summed over ranks), the learning rate and the
+        mechanism's dashboard."""
+        totals = self.trainer.strategy.reduce(torch.stack(list(sums.values())), reduce_op="sum")
+        sums = dict(zip(sums, totals))
+        loss = sums["loss"] / sums["images"].clamp(min=1)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/batch_size", totals[1])
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
-        if not self.privacy.enabled:
-            return loss
-        if self.privacy.epsilon_due(self.privacy.steps, last=self.global_step >= self.trainer.max_steps):
-            self.log("privacy/epsilon", self.privacy.epsilon, prog_bar=True)
-        self.log("privacy/noise_multiplier", self.privacy.noise_multiplier)
-        self.log("privacy/sample_rate", self.privacy.sample_rate)
-        self.log("privacy/max_grad_norm", self.privacy.config.max_grad_norm)
-        if totals[1] > 0:
-            self.log("nonprivate/clipped_fraction", totals[2] / images)
-            self.log("nonprivate/grad_norm_mean", totals[3] / images)
+        self.log("train/batch_size", sums["images"])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        for name, value in self.privacy.dashboard(sums, last=self.global_step >= self.trainer.max_steps).items():
+            self.log(name, value, prog_bar=name == "privacy/epsilon")
         return loss
 
     def on_train_start(self) -> None:
         # Lightning has moved the model to its device and made the optimizer: both must still
         # see the same parameter objects, or the weights would silently never change.
-        check_parameters_held(self.model, self.optimizers().optimizer, self.privacy.hooks)
+        self.privacy.check_attached(self.optimizers().optimizer)
         # a resumed run whose budget is already spent takes no step
         if self.privacy.budget_exhausted:
             self.trainer.should_stop = True
@@ -158,6 +140,3 @@ class DiffusionModule(L.LightningModule):
         checkpoint["privacy"] = self.privacy.state_dict()
         if self.config is not None:
             checkpoint["config"] = self.config
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.privacy.load_state_dict(checkpoint.get("privacy", {"enabled": False}))

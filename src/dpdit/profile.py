@@ -36,16 +36,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dpdit.bisection import last_fitting
+from dpdit.build import make_module, make_trainer
 from dpdit.cli import ConfigError, command
 from dpdit.module import DiffusionModule
-from dpdit.privacy import (
-    CLIPPING_MODES,
-    DPSGDTraining,
-    NonPrivateTraining,
-    PrivacyConfig,
-    check_model_is_private,
-    check_precision,
-)
+from dpdit.privacy import CLIPPING_MODES, DPSGD, Mechanism, NonPrivate, PrivacyConfig, check_model_is_private, check_precision
 
 VANILLA = "vanilla"
 MODES = (VANILLA, *CLIPPING_MODES)
@@ -112,38 +106,31 @@ class StepTimer(L.Callback):
         }
 
 
-def training_for(mode: str, profile: DictConfig, privacy: DictConfig, batch_size: int) -> DPSGDTraining | NonPrivateTraining:
-    """The step's privacy machinery for `mode`: a DP step of expected batch `batch_size` with
-    the configured clipping bound and noise multiplicity, or the non-private step (one draw)."""
+def mechanism_for(mode: str, cfg: DictConfig, batch_size: int) -> Mechanism:
+    """The step's mechanism for `mode`: a DP step of expected batch `batch_size` (the whole
+    synthetic dataset, sample rate 1) with the configured clipping bound and noise
+    multiplicity, or the non-private step (one draw)."""
     if mode == VANILLA:
-        return NonPrivateTraining(batch_size)
-    sigma = 1.0 if profile.noise_multiplier is None else float(profile.noise_multiplier)
+        return NonPrivate(batch_size)
+    sigma = 1.0 if cfg.profile.noise_multiplier is None else float(cfg.profile.noise_multiplier)
     config = PrivacyConfig(
         clipping=mode,
-        max_grad_norm=privacy.max_grad_norm,
+        max_grad_norm=cfg.privacy.max_grad_norm,
         noise_multiplier=sigma,
         target_epsilon=None,
-        noise_multiplicity=privacy.noise_multiplicity,
-        secure_mode=privacy.secure_mode,
+        noise_multiplicity=cfg.privacy.noise_multiplicity,
+        secure_mode=cfg.privacy.secure_mode,
     )
-    # sample rate 1: every step's batch is the whole (synthetic) dataset of batch_size images
-    return DPSGDTraining(config, sample_rate=1.0, dataset_size=batch_size, noise_multiplier=sigma)
+    return DPSGD(config, sample_rate=1.0, dataset_size=batch_size, noise_multiplier=sigma)
 
 
 def build(cfg: DictConfig, mode: str, batch_size: int) -> tuple[DiffusionModule, tuple[torch.Tensor, torch.Tensor]]:
-    """The training module of `mode` and one synthetic batch of the model's input shape."""
+    """The training module of `mode`, as training builds it, and one synthetic batch of the
+    model's input shape."""
     model = instantiate(cfg.model)
     if mode != VANILLA:
         check_model_is_private(model, mode)
-    module = DiffusionModule(
-        model=model,
-        diffusion=instantiate(cfg.diffusion),
-        optimizer=instantiate(cfg.optimizer),
-        privacy=training_for(mode, cfg.profile, cfg.privacy, batch_size),
-        physical_batch_size=batch_size,
-        ema_decay=cfg.ema_decay,
-        seed=cfg.profile.seed,
-    )
+    module = make_module(cfg, model, mechanism_for(mode, cfg, batch_size), batch_size, seed=cfg.profile.seed)
     generator = torch.Generator().manual_seed(cfg.profile.seed)
     shape = (batch_size, model.in_channels, model.input_size, model.input_size)
     images = torch.rand(shape, generator=generator) * 2 - 1
@@ -166,14 +153,14 @@ class RepeatedBatch:
 
 def run_steps(cfg: DictConfig, module: DiffusionModule, batch, steps: int, callbacks: list) -> L.Trainer:
     """`steps` training steps on the same batch, on one device, writing nothing."""
-    trainer = instantiate(
+    trainer = make_trainer(
         cfg.trainer,
+        callbacks,
+        [],
         devices=1,
         num_nodes=1,
         strategy="auto",
         max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -1,0 +1,389 @@
+"""The DP step: one logical batch in, one optimizer step out, in the phases DP-SGD names.
+
+A training step sees one logical batch (Poisson-sampled at `sample_rate`) as a sequence of
+physical micro-batches (`MicroBatchedStep.step`):
+
+1. per-image losses: each image as K rows (noise multiplicity), its loss their mean;
+2. per-sample gradients: the backward pass, through Opacus' hooks (or, in `bookkeeping`
+   mode, one pass that leaves the micro-batch's clipped sum in `.grad`: `bookkeeping.py`);
+3. clip and accumulate: each micro-batch's per-sample gradients clipped and summed into
+   Opacus' `summed_grad` (a skipped optimizer step), so every micro-batch counts alike;
+4. noise and step: the last micro-batch is clipped, the Gaussian noise added once (drawn
+   from the run's secret streams, `dpdit.randomness`), the sum divided by the expected
+   batch size and the optimizer steps;
+5. account: the ledger records the step.
+
+With several ranks, each holds its share of the global batch and clips it; Opacus'
+distributed optimizers add the noise on rank 0 only and sum the ranks' gradients, so the
+global update is (sum of all clipped gradients + one N(0, sigma^2 C^2) draw) / (q N), the
+single-process update. The non-private mechanism runs the same step without clipping,
+noise or accounting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any, Callable, Protocol
+
+import torch
+from opacus.optimizers import get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+from dpdit.privacy.accounting import PrivacyLedger
+from dpdit.privacy.bookkeeping import BookKeeping
+from dpdit.privacy.per_sample import BOOKKEEPING, attach_per_sample_hooks, full_precision, mean_over_draws
+from dpdit.privacy.settings import PrivacyConfig, check_parameters_held, check_resumable
+from dpdit.randomness import PrivateRandomness
+
+log = logging.getLogger(__name__)
+
+# Opacus logs one INFO line per layer when it attaches hooks.
+logging.getLogger("opacus").setLevel(logging.WARNING)
+
+PerImageLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Mechanism(Protocol):
+    """What the training module asks of a privacy mechanism (`DPSGD` or `NonPrivate`)."""
+
+    enabled: bool
+    noise_multiplicity: int
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
+        """Prepare `model` and `optimizer` for the step; returns the optimizer to train with."""
+
+    def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise unless the hooks and `optimizer` still hold the model's trainable parameters."""
+
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, losses: PerImageLosses, backward, optimizer, micro_batch_size: int
+    ) -> dict[str, torch.Tensor]:
+        """One logical step; returns its sums over images (`loss`, `images`, ...), to be added over ranks."""
+
+    def dashboard(self, sums: dict[str, torch.Tensor], last: bool) -> dict[str, float]:
+        """The mechanism's logged values after a step, from its sums over every rank."""
+
+    def describe(self) -> str:
+        """The mechanism's settings in a line, read from it (no accountant runs for it)."""
+
+    @property
+    def budget_exhausted(self) -> bool: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
+def with_placeholder_if_empty(images: torch.Tensor, labels: torch.Tensor, null_class: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Poisson sampling can draw an empty batch; the step must still add its noise and be
+    accounted. Opacus cannot run an empty batch, so one zero-weighted placeholder image
+    (data-independent, contributing exactly nothing) goes through instead. Returns the
+    images, labels and the weight of their losses."""
+    if images.shape[0]:
+        return images, labels, 1.0
+    return images.new_zeros((1, *images.shape[1:])), labels.new_full((1,), null_class), 0.0
+
+
+def per_image_losses(losses: PerImageLosses, images: torch.Tensor, labels: torch.Tensor, draws: int) -> torch.Tensor:
+    """Each image's loss as the mean over its `draws` rows, each with its own timestep and noise."""
+    if draws > 1:
+        images, labels = images.repeat_interleave(draws, dim=0), labels.repeat_interleave(draws, dim=0)
+    return mean_over_draws(losses(images, labels), draws)
+
+
+class MicroBatchedStep:
+    """The logical step both mechanisms take (the module docstring numbers its phases);
+    they differ in `per_sample_gradients`, `clip_and_accumulate`, `account` and `step_sums`."""
+
+    enabled: bool
+    noise_multiplicity: int
+    model: torch.nn.Module  # the model `attach` prepared
+
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, losses: PerImageLosses, backward, optimizer, micro_batch_size: int
+    ) -> dict[str, torch.Tensor]:
+        """One logical batch, as micro-batches of `micro_batch_size` images: `losses` gives
+        the per-row losses of a micro-batch, `backward` runs a backward pass (Lightning's
+        `manual_backward`), `optimizer` is the training's (Lightning's wrapper)."""
+        batch_size = images.shape[0]
+        images, labels, weight = with_placeholder_if_empty(images, labels, self.model.null_class)
+        micro_batches = list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
+        loss_sum = torch.zeros((), device=images.device)
+        for index, (x, y) in enumerate(micro_batches):
+            loss = weight * per_image_losses(losses, x, y, self.noise_multiplicity)  # 1. K draws per image
+            self.per_sample_gradients(loss, backward)  # 2.
+            loss_sum += loss.detach().sum()
+            if index < len(micro_batches) - 1:
+                self.clip_and_accumulate()  # 3. (the last micro-batch's in 4.)
+        self.noise_and_step(optimizer, images.device)  # 4.
+        self.account()  # 5.
+        return {"loss": loss_sum, "images": loss_sum.new_tensor(batch_size), **self.step_sums(batch_size, loss_sum)}
+
+    def noise_and_step(self, optimizer, device: torch.device) -> None:
+        # Opacus' optimizer clips the last micro-batch, adds the noise and scales, in float32
+        with full_precision(device):
+            optimizer.step()
+        optimizer.zero_grad()
+
+
+def _sum_gradients_over_ranks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+
+
+class NonPrivate(MicroBatchedStep):
+    """`privacy=none`: the same micro-batched step without clipping, noise or accounting."""
+
+    enabled = False
+    noise_multiplicity = 1  # one noise draw per image
+    budget_exhausted = False
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1) -> torch.optim.Optimizer:
+        self.model = model
+        if world_size > 1:
+            optimizer.register_step_pre_hook(_sum_gradients_over_ranks)
+        return optimizer
+
+    def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
+        """No hooks keep parameters of their own."""
+
+    def per_sample_gradients(self, loss_per_sample: torch.Tensor, backward) -> None:
+        # Sum over the micro-batch (and, at the step, over ranks), mean over the logical
+        # batch, whose size is fixed without Poisson sampling: micro-batches add up.
+        backward(loss_per_sample.sum() / self.batch_size)
+
+    def clip_and_accumulate(self) -> None:
+        """Gradients simply accumulate in `.grad` until the optimizer steps."""
+
+    def account(self) -> None:
+        """Nothing is spent."""
+
+    def step_sums(self, batch_size: int, loss_sum: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def dashboard(self, sums: dict[str, torch.Tensor], last: bool) -> dict[str, float]:
+        return {}
+
+    def describe(self) -> str:
+        return "training without privacy"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": False}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("enabled"):
+            raise ValueError(
+                "ckpt_path holds a DP run but privacy=none: resume it with privacy=dp, "
+                "or its earlier privacy spend would be silently dropped"
+            )
+
+    def report(self) -> dict[str, Any]:
+        return {"enabled": False, "epsilon": None}
+
+
+def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_of) -> type:
+    """`optimizer_class` (any of Opacus' DP optimizers) whose noise phase draws
+    N(0, sigma^2 C^2) from `randomness`' stream for step `step_of()` instead of torch's
+    generator. As in Opacus' distributed optimizers, only rank 0 adds noise."""
+
+    class SecretNoise(optimizer_class):
+        def add_noise(self) -> None:
+            params = self.params
+            for p in params:
+                _check_processed_flag(p.summed_grad)
+            if getattr(self, "rank", 0) == 0 and self.noise_multiplier > 0:
+                noises = randomness.gaussian_noise(step_of(), [p.summed_grad for p in params], self.noise_multiplier * self.max_grad_norm)
+            else:
+                noises = [torch.zeros_like(p.summed_grad) for p in params]
+            for p, noise in zip(params, noises):
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    SecretNoise.__name__ = SecretNoise.__qualname__ = f"SecretNoise{optimizer_class.__name__}"
+    return SecretNoise
+
+
+class DPSGD(MicroBatchedStep):
+    """DP-SGD (Abadi et al., 2016) through Opacus' per-sample gradients.
+
+    Args:
+        config: the privacy settings.
+        sample_rate: Poisson sampling rate q = expected batch / dataset size.
+        dataset_size: N, public.
+        noise_multiplier: sigma (already calibrated when the config asked for it).
+        randomness: where batch membership and noise come from (default: a new secret key
+            under `secure_mode`, the seed 0's key otherwise).
+    """
+
+    enabled = True
+
+    def __init__(
+        self,
+        config: PrivacyConfig,
+        sample_rate: float,
+        dataset_size: int,
+        noise_multiplier: float,
+        randomness: PrivateRandomness | None = None,
+    ):
+        self.config = config
+        self.randomness = randomness or PrivateRandomness.create(secret=config.secure_mode)
+        self.sample_rate = sample_rate
+        self.dataset_size = dataset_size
+        self.expected_batch_size = sample_rate * dataset_size
+        self.noise_multiplier = noise_multiplier
+        self.noise_multiplicity = config.noise_multiplicity
+        self.ledger = PrivacyLedger(noise_multiplier, sample_rate, config.delta, config.accountant, config.target_epsilon)
+        self.hooks = None
+        self.optimizer = None
+        self._gradient_norms: list[torch.Tensor] = []
+        # where an init_ckpt_path run started from, and whether its spend counts
+        self.init_checkpoint: dict[str, Any] | None = None
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1) -> torch.optim.Optimizer:
+        """Attach Opacus' per-sample gradient hooks to `model` and wrap `optimizer`; with
+        `world_size` ranks, the optimizer adds noise on rank 0 and sums over ranks."""
+        self.model = model
+        if self.config.clipping == BOOKKEEPING:
+            self.hooks = BookKeeping(model, self.config.max_grad_norm)
+        else:
+            self.hooks = attach_per_sample_hooks(model, self.config.clipping, self.config.max_grad_norm, self.noise_multiplicity)
+        # ghost and book-keeping leave the clipped sum in `.grad`: Opacus' ghost optimizer sums it
+        optimizer_mode = "ghost" if self.config.clipping == BOOKKEEPING else self.config.clipping
+        optimizer_class = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode=optimizer_mode)
+        # the noise of the step about to be accounted: its index in the history
+        self.optimizer = with_noise_from(optimizer_class, self.randomness, lambda: self.steps)(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.config.max_grad_norm,
+            # each rank's share: the distributed optimizer divides the sum by world_size too
+            expected_batch_size=self.expected_batch_size / world_size,
+            loss_reduction="mean",
+        )
+        return self.optimizer
+
+    def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
+        check_parameters_held(self.model, optimizer, self.hooks)
+
+    def per_sample_gradients(self, loss_per_sample: torch.Tensor, backward) -> None:
+        """Per-sample gradients of one micro-batch (their mean over the micro-batch), or in
+        ghost mode their norms and the clipped sum, by a second backward pass, or in
+        book-keeping mode their norms and the clipped sum from one backward pass."""
+        if self.config.clipping == BOOKKEEPING:
+            norms = self.hooks.clip_and_sum(loss_per_sample)
+        elif self.config.clipping == "ghost":
+            DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_sample, "mean").backward()
+            norms = self.hooks.per_sample_gradient_norms
+        else:
+            backward(loss_per_sample.mean())
+            if self.noise_multiplicity > 1:
+                for parameter in self.optimizer.params:
+                    parameter.grad_sample = mean_over_draws(parameter.grad_sample, self.noise_multiplicity)
+            # Opacus computes these norms again when it clips; it does not keep them.
+            norms = torch.stack([g.flatten(1).norm(dim=1) for g in self.optimizer.grad_samples], dim=1).norm(dim=1)
+        self._gradient_norms.append(norms.detach())
+
+    def clip_and_accumulate(self) -> None:
+        """Clip this micro-batch into the running sum without noise or an optimizer step."""
+        self.optimizer.signal_skip_step(do_skip=True)
+        with full_precision(self.optimizer.params[0].device):
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def account(self) -> None:
+        self.ledger.record_step()
+
+    def take_gradient_norms(self) -> torch.Tensor:
+        """The per-sample gradient norms (before clipping) of the step so far, and forget them.
+        Computed from the private data without noise: a diagnostic, not a private statistic."""
+        norms, self._gradient_norms = torch.cat(self._gradient_norms), []
+        return norms
+
+    def step_sums(self, batch_size: int, loss_sum: torch.Tensor) -> dict[str, torch.Tensor]:
+        # An empty batch's placeholder image has no gradient to count.
+        norms = self.take_gradient_norms()[:batch_size]
+        return {"clipped": (norms > self.config.max_grad_norm).sum().to(loss_sum), "norms": norms.sum().to(loss_sum)}
+
+    def dashboard(self, sums: dict[str, torch.Tensor], last: bool) -> dict[str, float]:
+        """Epsilon so far and the mechanism's settings, and, as non-private diagnostics, the
+        share of per-sample gradients clipped and their mean norm."""
+        values = {"privacy/epsilon": self.epsilon} if self.ledger.epsilon_due(last) else {}
+        values.update({
+            "privacy/noise_multiplier": self.noise_multiplier,
+            "privacy/sample_rate": self.sample_rate,
+            "privacy/max_grad_norm": self.config.max_grad_norm,
+        })
+        if sums["images"] > 0:
+            values["nonprivate/clipped_fraction"] = sums["clipped"] / sums["images"]
+            values["nonprivate/grad_norm_mean"] = sums["norms"] / sums["images"]
+        return values
+
+    def describe(self) -> str:
+        config = self.config
+        target = "" if config.target_epsilon is None else f"target epsilon {config.target_epsilon:g} "
+        return (
+            f"DP-SGD: noise multiplier {self.noise_multiplier:.4g}, clip bound {config.max_grad_norm:g}, "
+            f"sample rate {self.sample_rate:.4g} of {self.dataset_size} images, {target}at delta "
+            f"{config.delta:g} ({config.accountant}), randomness {self.randomness.describe()['randomness']}"
+        )
+
+    @property
+    def steps(self) -> int:
+        return self.ledger.steps
+
+    @property
+    def epsilon(self) -> float:
+        return self.ledger.epsilon
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.ledger.budget_exhausted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "noise_multiplier": self.noise_multiplier,
+            "history": list(self.ledger.history),
+            "randomness": self.randomness.state_dict(),
+            "init_checkpoint": self.init_checkpoint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_resumable(state)
+        self.ledger.history = [tuple(entry) for entry in state["history"]]
+        self.init_checkpoint = state.get("init_checkpoint")
+        if "randomness" in state:
+            self.randomness.load_state_dict(state["randomness"])
+            if self.config.secure_mode and not self.randomness.is_secret:
+                log.warning(
+                    "the resumed checkpoint's batches and noise were seeded (privacy.secure_mode=false): "
+                    "the run stays seeded and is not a private release"
+                )
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            **self.ledger.report(),
+            **self.randomness.describe(),
+            "step_limit": self.ledger.step_limit,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.config.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": self.config.accountant,
+            "clipping": self.config.clipping,
+            "noise_multiplicity": self.config.noise_multiplicity,
+            "dataset_size": self.dataset_size,
+            "expected_batch_size": self.expected_batch_size,
+            "history": [list(entry) for entry in self.ledger.history],
+            "init_checkpoint": self.init_checkpoint,
+            "settings": asdict(self.config),
+        }

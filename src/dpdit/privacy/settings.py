@@ -1,0 +1,151 @@
+"""The `privacy` settings and every check that refuses a run before it starts: unknown or
+out-of-range settings, precisions and models under which a DP step is not exact, and
+checkpoints whose privacy history cannot be continued."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus.validators import ModuleValidator
+
+from dpdit.privacy.accounting import ACCOUNTANTS, ESTIMATES
+
+# The ways to the per-sample norms: Opacus' hooks (per-layer per-sample gradients from
+# hooks), ghost (norms without per-sample gradients where a layer allows it, then a second
+# backward pass), functorch (per-sample gradients of every layer by vmap), and bookkeeping
+# (one backward pass: norms and the clipped sum from each layer's kept inputs and output
+# gradients, `privacy.bookkeeping`).
+CLIPPING_MODES = ("hooks", "ghost", "functorch", "bookkeeping")
+# What an init_ckpt_path checkpoint was trained on: this run's data (its privacy history
+# counts towards this run's epsilon) or data disjoint from it (its history does not).
+INIT_DATA = ("same", "disjoint")
+# Trainer precisions under which a DP step stays exact. Mixed precision is "bf16-mixed"
+# only: float16 scales the loss (clipping would bound the scaled gradients), "-true" modes
+# hold weights, clipped sums and noise in low precision.
+DP_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
+
+
+@dataclass
+class PrivacyConfig:
+    """The `privacy` config group. `noise_multiplier: null` calibrates it to the target."""
+
+    enabled: bool = True
+    target_epsilon: float | None = 10.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = "pld"
+    clipping: str = "ghost"
+    noise_multiplicity: int = 1
+    secure_mode: bool = True
+    init_data: str = "same"
+
+    def validate(self, dataset_size: int) -> None:
+        """Raise a ValueError naming the setting for every invalid choice."""
+        if not self.enabled:
+            return
+        if self.accountant in ESTIMATES:
+            raise ValueError(
+                f"privacy.accountant={self.accountant} is a central-limit approximation, not an upper "
+                "bound: it can report far less than the epsilon spent (up to 80% below PLD), so it may "
+                "not calibrate the noise or enforce the budget. Use privacy.accountant=pld (tightest), "
+                "prv or rdp; the report shows gdp's estimate beside them"
+            )
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy.accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"privacy.clipping={self.clipping!r} is unknown: choose one of {', '.join(CLIPPING_MODES)}")
+        if self.max_grad_norm is None or self.max_grad_norm <= 0:
+            raise ValueError(f"privacy.max_grad_norm={self.max_grad_norm} must be a positive clipping bound")
+        if not 0.0 < self.delta < 1.0 / dataset_size:
+            raise ValueError(
+                f"privacy.delta={self.delta:g} must lie in (0, 1/N) = (0, {1.0 / dataset_size:.3g}) for "
+                f"N={dataset_size} training images; the usual choice is below 1/N, e.g. 1e-5"
+            )
+        if self.noise_multiplier is None:
+            if self.target_epsilon is None or self.target_epsilon <= 0:
+                raise ValueError(
+                    f"privacy.target_epsilon={self.target_epsilon} must be positive "
+                    "(or give privacy.noise_multiplier directly)"
+                )
+        elif self.noise_multiplier < 0:
+            raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0 (or null to calibrate)")
+        if self.init_data not in INIT_DATA:
+            raise ValueError(f"privacy.init_data={self.init_data!r} is unknown: choose one of {', '.join(INIT_DATA)}")
+        check_noise_multiplicity(self.noise_multiplicity)
+
+
+def check_noise_multiplicity(draws: Any) -> None:
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(
+            f"privacy.noise_multiplicity={draws} must be a whole number >= 1: the "
+            "noise draws averaged per image before clipping (1: one draw, plain DP-SGD)"
+        )
+
+
+def check_precision(precision: str, clipping: str) -> None:
+    """Fail before training for a trainer precision under which DP-SGD is not exact."""
+    precision = str(precision)
+    if precision not in DP_PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={precision} is not supported with privacy=dp: use 32-true, or "
+            "bf16-mixed on GPUs (per-sample gradients, clipping and noise then stay in float32)"
+        )
+    if precision == "bf16-mixed" and clipping == "ghost":
+        raise ValueError(
+            "trainer.precision=bf16-mixed with privacy.clipping=ghost: ghost clipping's second "
+            "backward pass sums the batch's clipped gradients in bfloat16, whose rounding mixes "
+            "images and breaks the per-image bound. Use privacy.clipping=hooks or bookkeeping (norms, "
+            "clipping and sums in float32) or trainer.precision=32-true"
+        )
+    if precision == "bf16-mixed" and clipping == "functorch":
+        raise ValueError(
+            "trainer.precision=bf16-mixed with privacy.clipping=functorch: functorch recomputes "
+            "each layer per sample outside autocast, from bfloat16 inputs. Use "
+            "privacy.clipping=hooks or bookkeeping (norms, clipping and sums in float32) or trainer.precision=32-true"
+        )
+
+
+def check_model_is_private(model: torch.nn.Module, clipping: str) -> None:
+    """Fail before training if Opacus cannot compute per-sample gradients of `model`."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(
+            f"privacy.clipping={clipping}: the model has layers Opacus cannot train privately: "
+            + "; ".join(str(e) for e in errors)
+        )
+
+
+def check_parameters_held(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hooks=None) -> None:
+    """Fail unless `optimizer` (and the ghost or book-keeping `hooks`, which keep their own list) hold
+    exactly the trainable parameter objects of `model`.
+
+    Opacus' hooks write per-sample gradients and norms onto the parameters the forward pass
+    uses; the optimizer clips, noises and steps the ones it was given. A parameter object
+    replaced after they were made (a model materialised from the meta device, moved by
+    creating new parameters, or given LoRA adapters afterwards: opacus#820) leaves them
+    stepping a stale copy, and the model's weights silently never change."""
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    holders = {"the optimizer": [p for group in optimizer.param_groups for p in group["params"]]}
+    if getattr(hooks, "trainable_parameters", None) is not None:
+        holders[getattr(hooks, "holder", "Opacus' ghost clipping hook list")] = hooks.trainable_parameters
+    for holder, parameters in holders.items():
+        held = {id(p) for p in parameters}
+        if held != trainable.keys():
+            missing = sorted(name for key, name in trainable.items() if key not in held)
+            raise RuntimeError(
+                f"{holder} does not hold the model's trainable parameters ({', '.join(missing[:3]) or 'it holds others'}): "
+                "they were replaced after it was made, so training would never change them. Put the "
+                "model on its device, out of the meta device and with its adapters before training starts"
+            )
+
+
+def check_resumable(state: dict[str, Any]) -> None:
+    """A DP run resumes only a DP checkpoint."""
+    if not state.get("enabled"):
+        raise ValueError(
+            "ckpt_path holds a run without privacy: its weights may have seen the data "
+            "without DP, so no DP guarantee can be stated for the resumed run"
+        )
