@@ -37,7 +37,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
     accountant: str = "pld"
-    clipping: str = "ghost"
+    clipping: str = "bookkeeping"
     noise_multiplicity: int = 1
     secure_mode: bool = True
     init_data: str = "same"
