@@ -57,6 +57,18 @@ class ZeroLoss:
         return model(x, t, y).flatten(1).mean(1) * 0.0
 
 
+class Scale(torch.nn.Module):
+    """A layer for which Opacus has neither a grad nor a norm sampler (functorch computes it):
+    a parameter used directly."""
+
+    def __init__(self, features=4):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, features))
+
+    def forward(self, x):
+        return x * self.weight
+
+
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=False)

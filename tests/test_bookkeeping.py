@@ -7,20 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import norm
+from helpers import Scale, norm
 from dpdit.privacy.bookkeeping import BookKeeping
 from dpdit.privacy.per_sample import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, bookkeeping_path
 
-
-class Scale(nn.Module):
-    """A layer Opacus has no grad sampler for (functorch computes it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
-
-    def forward(self, x):
-        return x * self.weight
 
 
 class EveryRule(nn.Module):

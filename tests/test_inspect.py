@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers import FAST, compose_config
+from helpers import FAST, Scale, compose_config
 from hydra.utils import instantiate
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
@@ -102,16 +102,6 @@ def test_every_dit_layer_takes_the_expected_path_in_every_mode(make_inspect_conf
         assert row["paths"]["bookkeeping"] == (OWN_GRADIENT if small else GHOST_NORM), row["name"]
         assert row["problems"] == [], row["name"]
 
-
-class Scale(nn.Module):
-    """A layer Opacus has no hook sampler for: a parameter used directly."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(features))
-
-    def forward(self, x):
-        return x * self.weight
 
 
 def ghost_backward(model, x):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dpdit.privacy import CLIPPING_MODES, DPSGD, PrivacyConfig, gram_matrices_outweigh_gradient
-from helpers import BATCH, batch, latent_batch, norm, pretrained, run_step, tiny_model
+from helpers import BATCH, Scale, batch, latent_batch, norm, pretrained, run_step, tiny_model
 
 
 class RecordedDraws:
@@ -122,16 +122,6 @@ def test_invalid_noise_multiplicity_is_refused_before_training(make_config, draw
     with pytest.raises(ConfigError, match=f"privacy.noise_multiplicity={draws} must be a whole number >= 1"):
         setup(make_config(f"privacy.noise_multiplicity={draws}"))
 
-
-class Scale(nn.Module):
-    """A layer for which Opacus has neither a grad nor a norm sampler (functorch computes it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
-
-    def forward(self, x):
-        return x * self.weight
 
 
 def check_ghost_norms_with_draws(model, rows, draws):
