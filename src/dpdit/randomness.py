@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import math
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -87,15 +88,15 @@ class PrivateRandomness:
         """`batch_size` distinct indices, uniformly at random (non-private runs)."""
         return np.argsort(self.uniforms("batch", step, dataset_size), kind="stable")[:batch_size]
 
-    def gaussian_noise(self, step: int, references: list[torch.Tensor], std: float) -> list[torch.Tensor]:
+    def gaussian_noise(self, step: int, references: list[torch.Tensor], std: float) -> Iterator[torch.Tensor]:
         """N(0, std^2) noise shaped like each reference tensor (on its device, in its dtype),
-        all drawn from step `step`'s noise stream in order.
+        all drawn from step `step`'s noise stream in order, one tensor at a time (a model's
+        noise at once would be a second copy of its gradients).
 
         Box-Muller on the device in float64 from 53-bit uniforms: the noise is far finer than
         the float32 gradient it is added to, so the sum's low bits are those of rounding,
         not of the noise's representation (the floating-point attack of Mironov, 2012)."""
         stream = self.stream("noise", step)
-        noises = []
         for reference in references:
             pairs = math.ceil(reference.numel() / 2)
             words = np.frombuffer(stream.update(bytes(16 * pairs)), dtype=np.uint64)
@@ -104,8 +105,7 @@ class PrivateRandomness:
             radius = torch.sqrt(-2.0 * torch.log(uniform[:pairs]))
             angle = 2.0 * math.pi * uniform[pairs:]
             normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[: reference.numel()]
-            noises.append((std * normal).to(reference.dtype).view_as(reference))
-        return noises
+            yield (std * normal).to(reference.dtype).view_as(reference)
 
     def share(self, strategy) -> None:
         """Make every rank use rank 0's key (each process drew its own at start)."""

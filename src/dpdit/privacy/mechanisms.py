@@ -193,19 +193,34 @@ class NonPrivate(MicroBatchedStep):
 def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_of) -> type:
     """`optimizer_class` (any of Opacus' DP optimizers) whose noise phase draws
     N(0, sigma^2 C^2) from `randomness`' stream for step `step_of()` instead of torch's
-    generator. As in Opacus' distributed optimizers, only rank 0 adds noise."""
+    generator. As in Opacus' distributed optimizers, only rank 0 adds noise.
+
+    No phase holds a second copy of the gradients, which at DiT-XL/2's size is 3 GiB each:
+    the noise is drawn and added one parameter at a time, in place, and the summed gradient
+    becomes `.grad` (Opacus adds a new tensor for each); the ghost optimizers' accumulation
+    takes the first micro-batch's clipped sum as it is (Opacus copies it) and frees each
+    `.grad` once it is summed."""
 
     class SecretNoise(optimizer_class):
+        def accumulate(self) -> None:
+            for p in self.params:
+                if p.summed_grad is None:
+                    p.summed_grad = p.grad.data
+                else:
+                    p.summed_grad.add_(p.grad.data)
+                p.grad = None
+
         def add_noise(self) -> None:
             params = self.params
             for p in params:
                 _check_processed_flag(p.summed_grad)
             if getattr(self, "rank", 0) == 0 and self.noise_multiplier > 0:
-                noises = randomness.gaussian_noise(step_of(), [p.summed_grad for p in params], self.noise_multiplier * self.max_grad_norm)
-            else:
-                noises = [torch.zeros_like(p.summed_grad) for p in params]
-            for p, noise in zip(params, noises):
-                p.grad = (p.summed_grad + noise).view_as(p)
+                std = self.noise_multiplier * self.max_grad_norm
+                noises = randomness.gaussian_noise(step_of(), [p.summed_grad for p in params], std)
+                for p, noise in zip(params, noises):
+                    p.summed_grad.add_(noise)
+            for p in params:
+                p.grad = p.summed_grad.view_as(p)
                 _mark_as_processed(p.summed_grad)
 
     SecretNoise.__name__ = SecretNoise.__qualname__ = f"SecretNoise{optimizer_class.__name__}"
