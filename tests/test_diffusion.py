@@ -84,3 +84,24 @@ def test_log_normal_timesteps_follow_the_noise_level_distribution():
     assert abs(log_sigma.std().item() - 0.5) < 0.05
     uniform = GaussianDiffusion().sample_timesteps(20_000, torch.device("cpu"))
     assert abs(uniform.float().mean().item() - 499.5) < 10
+
+
+def test_min_snr_weighting_scales_each_image_by_its_timesteps_weight():
+    """Min-SNR-gamma: min(SNR_t, gamma) / SNR_t, so 1 where the noise is heavy (SNR <= gamma) and
+    gamma / SNR_t, below 1, at the low-noise end; the same draws otherwise."""
+    model = tiny()
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x, labels = torch.rand(64, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (64,))
+    plain, weighted = GaussianDiffusion(), GaussianDiffusion(min_snr_gamma=5.0)
+    torch.manual_seed(3)
+    t = plain.sample_timesteps(64, x.device)
+    torch.manual_seed(3)
+    unweighted = plain.training_losses(model, x, labels)
+    torch.manual_seed(3)
+    losses = weighted.training_losses(model, x, labels)
+    alpha_bar = plain.scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    torch.testing.assert_close(losses, unweighted * torch.clamp(snr, max=5.0) / snr)
+    assert (snr > 5.0).any() and (snr < 5.0).any()
+    with pytest.raises(ValueError, match="diffusion.min_snr_gamma"):
+        GaussianDiffusion(min_snr_gamma=0.0)

@@ -1,7 +1,11 @@
+import csv
+import math
+
+import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from dpdit.module import TrainedWeightsAverage, ema_with_warmup
+from dpdit.module import LearningRateSchedule, TrainedWeightsAverage, ema_with_warmup
 
 
 def test_ema_decay_warms_up_then_holds():
@@ -41,3 +45,25 @@ def test_the_ema_averages_only_trained_weights_and_equals_averaging_all():
     assert averaged == [2] * 4  # the first update copies; then the trained weight and bias only
     for got, want in zip(trained_only.state_dict().values(), every_weight.state_dict().values()):
         assert torch.equal(got, want)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
+    schedule = LearningRateSchedule(warmup_steps=4, decay="cosine")
+    factors = [schedule.factor(step, 20) for step in range(21)]
+    assert factors[:4] == pytest.approx([0.25 * (i + 1) * 0.5 * (1 + math.cos(math.pi * i / 20)) for i in range(4)])
+    assert factors[10] == pytest.approx(0.5) and factors[20] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert [LearningRateSchedule().factor(step, 20) for step in (0, 19)] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_schedule.decay"):
+        LearningRateSchedule(decay="linear")
+
+
+def test_a_run_steps_with_the_scheduled_learning_rates(make_config, tmp_path):
+    from dpdit.train import train
+
+    train(make_config("trainer.max_steps=4", "lr_schedule.warmup_steps=2", "lr_schedule.decay=cosine", "optimizer.lr=0.01"))
+    [metrics] = list((tmp_path / "run" / "csv").rglob("metrics.csv"))
+    with metrics.open() as file:
+        rates = [float(row["train/lr"]) for row in csv.DictReader(file) if row["train/lr"]]
+    schedule = LearningRateSchedule(2, "cosine")
+    assert rates == pytest.approx([0.01 * schedule.factor(step, 4) for step in range(4)])

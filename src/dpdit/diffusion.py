@@ -56,6 +56,11 @@ class GaussianDiffusion:
             EDM and DPDM) instead of uniform over t. Under DP this spends the clipped
             per-sample gradients on the noise levels that shape the images, not on the
             lowest ones, whose gradients are large and mostly noise.
+        min_snr_gamma: with a value, each image's epsilon loss is weighted by
+            min(SNR_t, gamma) / SNR_t (Min-SNR-gamma, Hang et al. 2023): the low-noise
+            timesteps, whose near-identity denoising dominates the uniform loss, count less.
+            Unlike log-normal timesteps it still trains the high-noise levels sampling
+            starts from.
     """
 
     def __init__(
@@ -68,9 +73,12 @@ class GaussianDiffusion:
         clip_sample: bool = True,
         log_sigma_mean: float | None = None,
         log_sigma_std: float = 1.2,
+        min_snr_gamma: float | None = None,
     ):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"diffusion.label_dropout={label_dropout} must lie in [0, 1)")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"diffusion.min_snr_gamma={min_snr_gamma} must be positive (or null: no weighting)")
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
@@ -85,6 +93,8 @@ class GaussianDiffusion:
         self.log_sigma_std = log_sigma_std
         alphas_cumprod = self.scheduler.alphas_cumprod
         self.log_sigmas = 0.5 * torch.log((1.0 - alphas_cumprod) / alphas_cumprod)
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        self.loss_weights = None if min_snr_gamma is None else snr.clamp(max=min_snr_gamma) / snr
         self._posterior = self._posterior_tables()
 
     def _posterior_tables(self) -> dict[str, torch.Tensor]:
@@ -119,13 +129,16 @@ class GaussianDiffusion:
         return t.to(device)
 
     def training_losses(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss [B]: epsilon MSE, plus the variational bound if sigma is learned."""
+        """Per-sample loss [B]: epsilon MSE (Min-SNR weighted if asked), plus the variational
+        bound if sigma is learned."""
         t = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.scheduler.add_noise(x0, noise, t)
         output = model(x_t, t, self.drop_labels(labels, model.null_class))
         eps = output[:, : x0.shape[1]]
         loss = mean_per_sample((eps - noise) ** 2)
+        if self.loss_weights is not None:
+            loss = loss * self.loss_weights.to(loss.device)[t].to(loss.dtype)
         if model.learn_sigma:
             variance = output[:, x0.shape[1] :]
             # The bound trains only the variance: the mean comes from a frozen epsilon.

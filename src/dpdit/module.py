@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import lightning as L
@@ -34,6 +35,30 @@ def ema_with_warmup(decay: float) -> Callable:
             ema_parameter.lerp_(parameter, weight)
 
     return update
+
+
+class LearningRateSchedule:
+    """The optimizer's learning rate over a run: a linear warm-up over `warmup_steps`, then
+    `decay`: `constant`, or `cosine` down to 0 at the run's last step. A function of the
+    step alone, so a resumed run follows the uninterrupted run's rates. Under DP it reads
+    no data: it is part of the (public) algorithm."""
+
+    DECAYS = ("constant", "cosine")
+
+    def __init__(self, warmup_steps: int = 0, decay: str = "constant"):
+        if warmup_steps < 0:
+            raise ValueError(f"lr_schedule.warmup_steps={warmup_steps} must be at least 0")
+        if decay not in self.DECAYS:
+            raise ValueError(f"lr_schedule.decay={decay!r} is unknown: choose one of {', '.join(self.DECAYS)}")
+        self.warmup_steps = warmup_steps
+        self.decay = decay
+
+    def factor(self, step: int, max_steps: int) -> float:
+        """The multiple of the configured learning rate that step `step` (from 0) uses."""
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.decay == "constant" or max_steps <= 0:
+            return warmup
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps) / max_steps))
 
 
 class TrainedWeightsAverage(AveragedModel):
@@ -77,6 +102,7 @@ class DiffusionModule(L.LightningModule):
         ema_decay: float = 0.999,
         seed: int = 0,
         config: dict[str, Any] | None = None,
+        lr_schedule: LearningRateSchedule | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -88,17 +114,23 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.privacy = privacy
         self.physical_batch_size = physical_batch_size
+        self.lr_schedule = lr_schedule or LearningRateSchedule()
         self.seed = seed
         # the resolved run configuration, saved in checkpoints so that they rebuild their model
         self.config = config
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return self.privacy.attach(self.model, self.optimizer_factory(trainable), self.trainer.world_size)
+        optimizer = self.optimizer_factory(trainable)
+        self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
+        return self.privacy.attach(self.model, optimizer, self.trainer.world_size)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step))
         images, labels = batch
+        factor = self.lr_schedule.factor(self.global_step, self.trainer.max_steps)
+        for group, base in zip(self.optimizers().param_groups, self.base_learning_rates):
+            group["lr"] = base * factor
         sums = self.privacy.step(
             images, labels, self.per_image_losses, self.manual_backward, self.optimizers(), self.physical_batch_size
         )
