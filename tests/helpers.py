@@ -69,9 +69,10 @@ class Scale(torch.nn.Module):
         return x * self.weight
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **options):
+    """A tiny float64 DiT off its zero start; `options`: more DiT settings (long_skips, output_conv)."""
     torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=False)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=False, **options)
     # Leave adaLN-Zero's zero start so that every parameter has a non-zero gradient.
     with torch.no_grad():
         for p in model.parameters():
@@ -118,9 +119,9 @@ def dp(clipping, max_grad_norm=1.0, noise_multiplier=0.0, dataset_size=BATCH):
     return DPSGD(config, sample_rate=1.0, dataset_size=dataset_size, noise_multiplier=noise_multiplier)
 
 
-def per_sample_gradients(images, labels):
-    """Each image's gradient, computed alone (micro-batches of one)."""
-    model = tiny_model()
+def per_sample_gradients(images, labels, **options):
+    """Each image's gradient, computed alone (micro-batches of one), for `tiny_model(**options)`."""
+    model = tiny_model(**options)
     grads = []
     for i in range(images.shape[0]):
         model.zero_grad()

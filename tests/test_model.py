@@ -11,7 +11,9 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from dpdit.export import why_not_exportable
 from dpdit.models import DiT, get_2d_sincos_pos_embed, patchify, unpatchify
+from dpdit.models.dit import OutputConv
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -260,3 +262,35 @@ def test_opacus_ghost_clipping_norms_match_microbatching(dp_setup):
         torch.testing.assert_close(p._norm_sample, expected, rtol=1e-7, atol=1e-10, msg=name)
     expected_total = torch.stack([g.flatten(1).norm(dim=1) for g in micro.values()]).norm(dim=0)
     torch.testing.assert_close(gsm.get_norm_sample(), expected_total, rtol=1e-7, atol=1e-10)
+
+
+def test_u_vit_additions_join_mirror_blocks_and_smooth_the_output():
+    """Long skips feed block i's output into block depth-1-i; the output convolution starts as
+    the identity and, once trained, mixes neighbouring pixels across patch seams."""
+    torch.manual_seed(0)
+    plain = tiny_dit(depth=4, hidden_size=32, input_size=8, in_channels=1, num_classes=3)
+    model = tiny_dit(depth=4, hidden_size=32, input_size=8, in_channels=1, num_classes=3, long_skips=True, output_conv=True)
+    assert len(model.skip_joins) == 2 and model.output_conv is not None
+    x, t, y = model_inputs(model, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    joined = []
+    hooks = [join.register_forward_hook(lambda module, inputs, output: joined.append(inputs[1])) for join in model.skip_joins]
+    block_outputs = []
+    hooks += [block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output)) for block in model.blocks]
+    out = model(x, t, y)
+    for hook in hooks:
+        hook.remove()
+    # block 3 is joined with block 0's output, block 2 with block 1's
+    assert torch.equal(joined[0], block_outputs[1]) and torch.equal(joined[1], block_outputs[0])
+    # a unit impulse in one pixel spreads to its 3x3 neighbourhood, across the 2x2 patches' seams
+    impulse = torch.zeros(1, model.out_channels, 8, 8)
+    impulse[0, 0, 3, 3] = 1.0
+    with torch.no_grad():
+        spread = model.output_conv(impulse) - impulse - model.output_conv.conv.bias.view(1, -1, 1, 1)
+    assert (spread[0, :, 2:5, 2:5] != 0).all() and spread[0, :, 5:].abs().sum() == 0
+    assert torch.equal(OutputConv(model.out_channels)(impulse), impulse)  # the identity at initialisation
+    assert torch.isfinite(out).all()
+    assert "model.long_skips=true" in why_not_exportable(model) and "model.output_conv=true" in why_not_exportable(model)
+    assert "long_skips" not in why_not_exportable(plain) and "output_conv" not in why_not_exportable(plain)

@@ -13,11 +13,14 @@ from helpers import BATCH, batch, dp, norm, per_sample_gradients, run_step, tiny
 from dpdit.privacy import CLIPPING_MODES, DPSGD, NonPrivate, PrivacyConfig
 
 
+U_VIT = {"long_skips": True, "output_conv": True}
+
+
 @pytest.mark.parametrize("clipping", CLIPPING_MODES)
-@pytest.mark.parametrize("physical_batch_size", [BATCH, 4, 1])
-def test_clipped_update_matches_micro_batched_reference(clipping, physical_batch_size):
+@pytest.mark.parametrize("physical_batch_size, options", [(BATCH, {}), (4, {}), (1, {}), (4, U_VIT)])
+def test_clipped_update_matches_micro_batched_reference(clipping, physical_batch_size, options):
     images, labels = batch()
-    per_sample = per_sample_gradients(images, labels)
+    per_sample = per_sample_gradients(images, labels, **options)
     norms = torch.stack([norm(g) for g in per_sample])
     bound = float(norms.median())  # half of the samples get clipped
     assert (norms > bound).any() and (norms < bound).any()
@@ -26,7 +29,7 @@ def test_clipped_update_matches_micro_batched_reference(clipping, physical_batch
     # each clipped per-sample gradient respects the bound
     assert all(norm([f * x for x in g]) <= bound * (1 + 1e-9) for f, g in zip(factors, per_sample))
 
-    _, update = run_step(dp(clipping, max_grad_norm=bound), physical_batch_size, data=(images, labels))
+    _, update = run_step(dp(clipping, max_grad_norm=bound), physical_batch_size, data=(images, labels), model=tiny_model(**options))
     for got, want in zip(update, expected):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
 

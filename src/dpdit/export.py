@@ -127,6 +127,9 @@ def why_not_exportable(model: torch.nn.Module) -> str | None:
             f"model.num_classes={model.num_classes} (DiTPipeline's null class is id {PIPELINE_NULL_CLASS}: "
             f"at most {PIPELINE_NULL_CLASS} classes fit)"
         )
+    for option, layers in (("long_skips", model.skip_joins), ("output_conv", model.output_conv)):
+        if layers is not None:
+            fixes.append(f"model.{option}=true (diffusers' DiT has no such layer: train with model.{option}=false)")
     if not fixes:
         return None
     return "this DiT has no exact DiTPipeline form: " + "; ".join(fixes)

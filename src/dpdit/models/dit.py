@@ -17,6 +17,12 @@ Opacus compute per-sample gradients (hooks) and per-sample gradient norms
 With ``mlp_ratio=4`` and ``timestep_convention="diffusers"`` the model computes exactly what
 diffusers' ``DiTTransformer2DModel`` computes, and exports as a ``DiTPipeline``
 (``dpdit.export``).
+
+Two optional additions from U-ViT (Bao et al., 2023), for small models and short runs:
+``long_skips`` joins each block of the first half to its mirror in the second half (a
+Linear of the two concatenated token streams), and ``output_conv`` adds a 3x3 convolution
+over the unpatchified output, which smooths the seams between patches. Both stay per-sample
+differentiable; a model with them has no DiTPipeline form.
 """
 
 import math
@@ -210,6 +216,30 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+class SkipJoin(nn.Module):
+    """U-ViT's long skip: a block's input joined with the output of its mirror block."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([x, skip], dim=-1))
+
+
+class OutputConv(nn.Module):
+    """A 3x3 convolution added to the unpatchified output; zero at initialisation."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
@@ -218,6 +248,7 @@ class DiT(nn.Module):
     official 0.02 suits long runs, short runs learn conditioning faster with larger values.
     ``timestep_convention`` spaces the timestep frequencies as the official DiT (``dit``) or
     as diffusers' DiTTransformer2DModel (``diffusers``, which an exact DiTPipeline export needs).
+    ``long_skips`` and ``output_conv`` are U-ViT's additions (module docstring).
     """
 
     # The frozen VAE whose latents the model works on (set by `create_dit`); None: pixels.
@@ -236,6 +267,8 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         label_embedding_std: float = 0.02,
         timestep_convention: str = "dit",
+        long_skips: bool = False,
+        output_conv: bool = False,
     ):
         super().__init__()
         if in_channels < 1:
@@ -279,6 +312,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        # made after initialize_weights: the skip joins keep PyTorch's default init, the conv its zeros
+        self.skip_joins = nn.ModuleList([SkipJoin(hidden_size) for _ in range(depth // 2)]) if long_skips else None
+        self.output_conv = OutputConv(self.out_channels) if output_conv else None
 
     def initialize_weights(self) -> None:
         # Xavier-uniform Linears with zero bias; this covers the patch embedding,
@@ -311,10 +347,17 @@ class DiT(nn.Module):
             )
         x = self.x_embedder(x) + self.pos_embed  # [B, L, D]
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
-        for block in self.blocks:
+        joins = len(self.skip_joins) if self.skip_joins is not None else 0
+        skips = []
+        for index, block in enumerate(self.blocks):
+            if index >= len(self.blocks) - joins:  # the second half: join the mirror block's output
+                x = self.skip_joins[index - (len(self.blocks) - joins)](x, skips.pop())
             x = block(x, c)
+            if index < joins:
+                skips.append(x)
         x = self.final_layer(x, c)  # [B, L, p*p*out_channels]
-        return unpatchify(x, self.patch_size, self.out_channels, self.input_size, self.input_size)
+        x = unpatchify(x, self.patch_size, self.out_channels, self.input_size, self.input_size)
+        return self.output_conv(x) if self.output_conv is not None else x
 
     def class_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
         """The class-table rows of `labels`, [n, hidden_size]."""
