@@ -114,6 +114,26 @@ def test_font_digits_look_like_digits_to_a_classifier_of_the_real_ones():
     assert 0.25 < accuracy < 0.8
 
 
+def test_mnist_framed_font_digits_sit_like_mnist_digits():
+    """MNIST framing: the ink's longer side is 20 of 28 pixels and its centre of mass is the
+    image centre; the font, stroke and rotation of image i are those of its UCI framing."""
+    from scipy import ndimage
+
+    from dpdit.font_digits import render_font_digits
+
+    mnist, labels = render_font_digits(20, image_size=28, framing="mnist")
+    uci, uci_labels = render_font_digits(20, image_size=28, framing="uci")
+    assert torch.equal(labels, uci_labels) and not torch.equal(mnist, uci)
+    for image in (mnist[:, 0] + 1.0) / 2.0:
+        ink = image > 0.1
+        rows, columns = ink.any(dim=1).nonzero(), ink.any(dim=0).nonzero()
+        assert 19 <= max(int(rows[-1] - rows[0]) + 1, int(columns[-1] - columns[0]) + 1) <= 22
+        row, column = ndimage.center_of_mass(image.numpy())
+        assert abs(row - 13.5) < 1.0 and abs(column - 13.5) < 1.0
+    with pytest.raises(ValueError, match="data.framing='centred' is unknown"):
+        render_font_digits(1, framing="centred")
+
+
 def test_font_digits_skip_fonts_that_put_symbols_at_the_numerals():
     from dpdit.font_digits import font_files, usable_fonts
 

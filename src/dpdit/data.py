@@ -77,9 +77,11 @@ def build_dataset(
     size: int = 256,
     split: str = "train",
     test_root: str | None = None,
+    framing: str = "uci",
 ) -> Dataset:
     """Split `split` (train | test) of dataset `name` as (image in [-1, 1], label) pairs.
-    An image folder's test split is the folder `test_root`, laid out like `root`."""
+    An image folder's test split is the folder `test_root`, laid out like `root`; font digits
+    are framed as `framing` (`dpdit.font_digits.FRAMINGS`)."""
     if name not in DATASETS:
         raise ValueError(f"data.dataset={name!r} is unknown: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -87,7 +89,7 @@ def build_dataset(
     if name == "digits":
         return TensorDataset(*load_digits_tensors(image_size, split))
     if name == "font_digits":
-        return TensorDataset(*render_font_digits(size, image_size, channels, seed=FONT_DIGITS_SEEDS[split]))
+        return TensorDataset(*render_font_digits(size, image_size, channels, FONT_DIGITS_SEEDS[split], framing))
     if name == "fake":
         return datasets.FakeData(
             size=size,
@@ -187,7 +189,8 @@ class ImageDataModule(L.LightningDataModule):
     size, drawn from `randomness` (default: a secret key with Poisson sampling, a fixed one
     without). See `LogicalBatchSampler` for how ranks share a batch and how resumes continue.
     `noise_schedule_end` is the end of the linear noise schedule that suits these images
-    (smaller images are destroyed by less noise); the diffusion config reads it.
+    (smaller images are destroyed by less noise); the diffusion config reads it. `framing`
+    is how font digits sit in their images (the private digits' way, for a public stand-in).
 
     With a `vae` the dataset holds the VAE latents of the images instead (and of their
     mirrors when `hflip`), encoded once into `latent_cache_dir` (default: beside
@@ -213,6 +216,7 @@ class ImageDataModule(L.LightningDataModule):
         vae: FrozenVAE | None = None,
         latent_cache_dir: str | None = None,
         test_root: str | None = None,
+        framing: str = "uci",
     ):
         super().__init__()
         self.dataset = dataset
@@ -231,6 +235,7 @@ class ImageDataModule(L.LightningDataModule):
         self.noise_schedule_end = noise_schedule_end
         self.vae = vae
         self.test_root = test_root
+        self.framing = framing
         self.latent_cache_dir = latent_cache_dir or (f"{Path(root).expanduser()}.latents" if root else None)
         self.train_dataset: Dataset | None = None
 
@@ -247,13 +252,14 @@ class ImageDataModule(L.LightningDataModule):
             hflip=self.hflip and self.vae is None,
             download=self.download,
             size=self.size,
+            framing=self.framing,
         )
         if self.vae is None:
             self.train_dataset = images
             return
         if self.latent_cache_dir is None:
             raise ValueError(f"data={self.dataset} has no data.root to cache its latents beside: set data.latent_cache_dir=/path/to/a/folder")
-        settings = {key: getattr(self, key) for key in ("dataset", "image_size", "channels", "num_classes", "size")}
+        settings = {key: getattr(self, key) for key in ("dataset", "image_size", "channels", "num_classes", "size", "framing")}
         self.train_dataset = cached_latents(
             images,
             self.vae,
@@ -267,7 +273,7 @@ class ImageDataModule(L.LightningDataModule):
         """A split's images in pixel space, unflipped: the real data that samples are compared with."""
         return build_dataset(
             self.dataset, self.root, self.image_size, self.channels, self.num_classes,
-            download=self.download, size=self.size, split=split, test_root=self.test_root,
+            download=self.download, size=self.size, split=split, test_root=self.test_root, framing=self.framing,
         )
 
     @property

@@ -6,11 +6,11 @@ privacy. Whether such data is a fair public stand-in for your private data is yo
 justify; for the UCI digits it is a realistic domain gap (a classifier trained on the real
 digits recognises about 37% of them).
 
-Each image is one numeral in one font, with a random rotation, scale, shift and stroke
-width, cropped to its ink and centred like the UCI digits (the numeral's longer side fills
-the box), averaged down to `image_size` and mapped to [-1, 1] (ink bright, as in the
-digits). The draws come from a generator seeded by `seed`: the same seed gives the same
-images, and image i is the same whatever the count asked for.
+Each image is one numeral in one font, with a random rotation and stroke width, cropped to
+its ink and framed like the private digits it stands in for (`FRAMINGS`), averaged down to
+`image_size` and mapped to [-1, 1] (ink bright, as in the digits). The draws come from a
+generator seeded by `seed`: the same seed gives the same images, and image i is the same
+whatever the count asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from fontTools.ttLib import TTFont, TTLibError
 from PIL import Image, ImageDraw, ImageFont
 
@@ -32,6 +33,13 @@ MAX_ROTATION_DEGREES = 12.0
 SCALES = (0.8, 1.0)
 MAX_SHIFT = 0.08  # of the box, each way
 MAX_STROKE = 3  # extra stroke width in canvas pixels
+# How a numeral sits in its image. uci: the longer side fills `scale` (0.8-1) of the box,
+# shifted by up to MAX_SHIFT, as in scikit-learn's 8x8 digits. mnist: the longer side is 20/28
+# of the box and the ink's centre of mass is at the centre, as LeCun et al. normalised MNIST.
+# A classifier trained on 2,000 real MNIST digits recognises 52% of uci-framed font digits at
+# 28 px and 87% of mnist-framed ones (measured without rotation or extra stroke).
+FRAMINGS = ("uci", "mnist")
+MNIST_BOX = 20 / 28
 
 
 def font_files() -> list[str]:
@@ -82,12 +90,20 @@ def usable_fonts(files: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(usable)
 
 
-def _centred(ink: np.ndarray, box: int, scale: float, shift: tuple[float, float]) -> np.ndarray:
-    """The ink's bounding box scaled so its longer side fills `scale` of a `box` square, centred (plus `shift`)."""
+def _crop_to_ink(ink: np.ndarray) -> Image.Image:
     rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    crop = Image.fromarray(ink[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1])
-    factor = scale * box / max(crop.size)
-    crop = crop.resize((max(1, round(crop.width * factor)), max(1, round(crop.height * factor))), Image.BILINEAR)
+    return Image.fromarray(ink[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1])
+
+
+def _scaled(crop: Image.Image, side: float) -> Image.Image:
+    """`crop` resized so that its longer side is `side` pixels."""
+    factor = side / max(crop.size)
+    return crop.resize((max(1, round(crop.width * factor)), max(1, round(crop.height * factor))), Image.BILINEAR)
+
+
+def _centred(ink: np.ndarray, box: int, scale: float, shift: tuple[float, float]) -> np.ndarray:
+    """UCI framing: the ink's bounding box scaled so its longer side fills `scale` of a `box` square, centred (plus `shift`)."""
+    crop = _scaled(_crop_to_ink(ink), scale * box)
     out = Image.new("L", (box, box), 0)
     left = round((box - crop.width) / 2 + shift[0] * box)
     top = round((box - crop.height) / 2 + shift[1] * box)
@@ -95,8 +111,24 @@ def _centred(ink: np.ndarray, box: int, scale: float, shift: tuple[float, float]
     return np.asarray(out)
 
 
-def render_font_digits(count: int, image_size: int = 8, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` numerals (labels 0..9 in turn) as [-1, 1] images [count, channels, size, size]."""
+def _mass_centred(ink: np.ndarray, box: int) -> np.ndarray:
+    """MNIST framing: the ink's longer side scaled to 20/28 of a `box` square, its centre of mass at the centre."""
+    crop = _scaled(_crop_to_ink(ink), MNIST_BOX * box)
+    row, column = ndimage.center_of_mass(np.asarray(crop, dtype=np.float64))
+    top = min(max(round(box / 2 - row), 0), box - crop.height)
+    left = min(max(round(box / 2 - column), 0), box - crop.width)
+    out = Image.new("L", (box, box), 0)
+    out.paste(crop, (left, top))
+    return np.asarray(out)
+
+
+def render_font_digits(
+    count: int, image_size: int = 8, channels: int = 1, seed: int = 0, framing: str = "uci"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` numerals (labels 0..9 in turn) as [-1, 1] images [count, channels, size, size],
+    framed as `framing` (one of `FRAMINGS`)."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"data.framing={framing!r} is unknown: choose one of {', '.join(FRAMINGS)}")
     fonts = usable_fonts(tuple(font_files()))
     if not fonts:
         raise FileNotFoundError(
@@ -114,7 +146,9 @@ def render_font_digits(count: int, image_size: int = 8, channels: int = 1, seed:
             loaded[path] = ImageFont.truetype(path, GLYPH_SIZE)
         glyph = Image.fromarray(_glyph(loaded[path], int(labels[index]), stroke))
         glyph = np.asarray(glyph.rotate(draw.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES), resample=Image.BILINEAR))
-        box = _centred(glyph, CANVAS, draw.uniform(*SCALES), tuple(draw.uniform(-MAX_SHIFT, MAX_SHIFT, size=2)))
+        # drawn for either framing, so that image i's font, stroke and rotation do not depend on it
+        scale, shift = draw.uniform(*SCALES), tuple(draw.uniform(-MAX_SHIFT, MAX_SHIFT, size=2))
+        box = _mass_centred(glyph, CANVAS) if framing == "mnist" else _centred(glyph, CANVAS, scale, shift)
         images[index] = np.asarray(Image.fromarray(box).resize((image_size, image_size), Image.BOX), dtype=np.float32) / 255.0
     x = torch.from_numpy(images * 2.0 - 1.0).unsqueeze(1).repeat(1, channels, 1, 1)
     return x, torch.from_numpy(labels)
