@@ -28,6 +28,10 @@ def test_a_new_run_fine_tunes_from_the_public_prior_trained_once(make_config, tm
     [folder] = prior_folders(tmp_path)
     record = json.loads((folder / "prior.json").read_text())
     assert record["data"] == "font_digits" and record["steps"] == 2
+    # judged on public data only: the public test split, a classifier of the public training split
+    quality = record["sample_quality"]
+    assert quality["samples"] == 10 and quality["chance"] == 0.1 and 0.0 <= quality["class_consistency"] <= 1.0
+    assert quality["reference_classifier"]["train_images"] == 64
     public_report = json.loads((folder / "privacy_report.json").read_text())
     assert public_report["enabled"] is False
 
@@ -115,3 +119,31 @@ def test_the_diffusers_path_fine_tunes_the_public_stage_exported_as_a_dit_pipeli
     assert run_config["model"]["name_or_path"] == str(folder / "pipeline")
     # the run's own export: the fine-tuned diffusers DiT with its LoRA adapters merged
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_prior_whose_samples_are_noise_is_flagged_before_fine_tuning(make_config, tmp_path, caplog):
+    """A public stage whose weights never left their initialisation (learning rate 0: as if
+    trained for 0 steps) samples noise: prior.json says so and the private run warns before
+    it spends any budget."""
+    untrained = PUBLIC[1].replace("trainer.max_steps=2", 'trainer.max_steps=2","optimizer.lr=0.0').replace("sample.num_per_class=1", "sample.num_per_class=20")
+    with caplog.at_level("WARNING", logger="dpdit.prior"):
+        train(make_config(PUBLIC[0], untrained, *PRIVATE))
+    [folder] = prior_folders(tmp_path)
+    quality = json.loads((folder / "prior.json").read_text())["sample_quality"]
+    assert quality["recognisable"] is False and quality["class_consistency"] < 0.2
+    assert "not recognisable as their classes" in caplog.text
+
+
+def test_the_prior_check_recognises_real_digits(make_config, tmp_path):
+    """The same check passes images that are what they claim: the public test digits themselves."""
+    import numpy as np
+
+    from dpdit.data import build_dataset
+    from dpdit.evaluate import dataset_arrays
+    from dpdit.prior import sample_quality
+
+    cfg = make_config(*PUBLIC)
+    images, labels = dataset_arrays(build_dataset("font_digits", None, 8, 1, 10, size=200, split="test"))
+    np.savez(tmp_path / "samples.npz", images=images, labels=labels)
+    quality = sample_quality(cfg, tmp_path)
+    assert quality["recognisable"] is True and quality["class_consistency"] > 0.3

@@ -43,17 +43,18 @@ TRAINER_NOT_SHAPING_WEIGHTS = (
     "accelerator", "devices", "num_nodes", "strategy", "plugins", "default_root_dir",
     "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
 )
-# What the public stage copies from the private run's data: the image shape, the classes, and
-# the noise schedule the model learns to invert (it suits the image size)
-IMAGE_SETTINGS = ("image_size", "channels", "num_classes", "noise_schedule_end")
+# What the public stage copies from the private run's data: the image shape, the classes, the
+# noise schedule the model learns to invert (it suits the image size), and how digits sit in
+# their images (font digits framed like the private digits)
+IMAGE_SETTINGS = ("image_size", "channels", "num_classes", "noise_schedule_end", "framing")
 
 
-def compose_train_config(overrides: list[str]) -> DictConfig:
-    """The `train` config with `overrides`, inside a running Hydra app or outside one."""
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The config `name` (train, evaluate) with `overrides`, inside a running Hydra app or outside one."""
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name=name, overrides=overrides)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name=name, overrides=overrides)
 
 
 def uses_pretrained_model(cfg: DictConfig) -> bool:
@@ -81,20 +82,54 @@ def check_prior_settings(cfg: DictConfig) -> None:
         )
 
 
-def public_stage_config(cfg: DictConfig) -> DictConfig:
-    """The public stage: `prior.experiment` without privacy, with this run's image shape,
-    classes, noise schedule and model (or the model config `prior.model`, when this run
-    fine-tunes a diffusers DiT), the whole model trained."""
+def override_value(value: Any) -> str:
+    """A config value as Hydra's override grammar writes it (interpolations kept)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    if isinstance(value, str) and not value.startswith("${"):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
+
+
+def node_overrides(cfg: DictConfig, node: str) -> list[str]:
+    """`node.key=value` for every leaf of `cfg[node]`."""
+    def leaves(value: Any, key: str):
+        if isinstance(value, dict):
+            for name, item in value.items():
+                yield from leaves(item, f"{key}.{name}")
+        else:
+            yield f"{key}={override_value(value)}"
+
+    return list(leaves(OmegaConf.to_container(cfg[node]), node))
+
+
+def public_stage_overrides(cfg: DictConfig) -> list[str]:
+    """The command line of the public stage: `prior.experiment` without privacy, with this
+    run's image settings (`IMAGE_SETTINGS`), diffusion (the loss and noise schedule the
+    weights learn) and sampling settings (how its own samples are drawn and judged), then
+    `prior.overrides`."""
     prior = cfg.prior
-    overrides = [
+    return [
         f"experiment={prior.experiment}",
         "prior=none",
         "privacy=none",
-        *[f"data.{key}={cfg.data[key]}" for key in IMAGE_SETTINGS],
+        *[f"data.{key}={cfg.data[key]}" for key in IMAGE_SETTINGS if key in cfg.data],
+        *node_overrides(cfg, "diffusion"),
+        *node_overrides(cfg, "sample"),
         *([f"model={prior.model}"] if prior.model is not None else []),
         *prior.overrides,
     ]
-    public = compose_train_config(overrides)
+
+
+def public_stage_config(cfg: DictConfig) -> DictConfig:
+    """The public stage: `public_stage_overrides` with this run's model (or the model config
+    `prior.model`, when this run fine-tunes a diffusers DiT), the whole model trained."""
+    prior = cfg.prior
+    public = compose_config("train", public_stage_overrides(cfg))
     with open_dict(public):
         if prior.model is None:
             public.model = OmegaConf.create(OmegaConf.to_container(cfg.model))
@@ -120,6 +155,55 @@ def weights_key(public: DictConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def sample_quality(cfg: DictConfig, directory: Path) -> dict[str, Any] | None:
+    """How recognisable the public stage's own samples (its `samples.npz`) are, judged on
+    public data only: `dpdit.evaluate`'s reference classifier, trained on the public data's
+    training split, gives their class-consistency and its feature-space FD against the public
+    test split. `recognisable` is false under twice chance: samples of no class, noise.
+    None when the public data has no test split to judge them by."""
+    from dpdit.evaluate import run_evaluation
+
+    public = compose_config("train", public_stage_overrides(cfg)).data
+    if public.dataset == "imagefolder" and public.get("test_root") is None:
+        log.info("public prior: its samples are not judged: public data=imagefolder has no test split (data.test_root)")
+        return None
+    settings = compose_config(
+        "evaluate",
+        [
+            *public_stage_overrides(cfg),
+            f"evaluate.samples={directory}",
+            "evaluate.metrics=[class_consistency,classifier_fd]",
+            "evaluate.fid_reference=test",
+        ],
+    )
+    with open_dict(settings):
+        settings.paths.output_dir = str(directory)
+        settings.logger = {}
+    results = run_evaluation(settings)
+    chance = 1.0 / settings.data.num_classes
+    return {
+        "class_consistency": results["class_consistency"],
+        "classifier_fd": results["classifier_fd"],
+        "chance": chance,
+        "recognisable": results["class_consistency"] >= 2 * chance,
+        "samples": results["samples"],
+        "judged_by": "a classifier trained on the public training split; FD against the public test split",
+        "reference_classifier": results["reference_classifier"],
+    }
+
+
+def warn_if_not_recognisable(record: dict[str, Any]) -> None:
+    quality = record.get("sample_quality")
+    if quality is not None and not quality["recognisable"]:
+        log.warning(
+            "public prior in %s: its own samples are not recognisable as their classes (class-consistency %.3f, "
+            "chance %.3f, by a classifier trained on the public data): DP fine-tuning from it spends privacy on a "
+            "model that does not generate. Train the public stage longer (prior.overrides=[trainer.max_steps=...]) "
+            "or check its settings, and look at its samples.png",
+            record["directory"], quality["class_consistency"], quality["chance"],
+        )
+
+
 def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
     """Train the public stage with `train` unless a complete one is cached; returns its record
     (the folder, checkpoint and, when exported, DiTPipeline folder)."""
@@ -134,7 +218,9 @@ def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
         record_path = directory / COMPLETE
         if record_path.is_file():
             log.info("public prior: reusing %s (trained without privacy on public data=%s)", directory, public.data.dataset)
-            return json.loads(record_path.read_text())
+            record = json.loads(record_path.read_text())
+            warn_if_not_recognisable(record)
+            return record
         last = last_checkpoint(directory)
         with open_dict(public):
             public.paths.output_dir = str(directory)
@@ -153,7 +239,11 @@ def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
             "checkpoint": str(last),
             "pipeline": str(directory / "pipeline") if (directory / "pipeline" / "model_index.json").is_file() else None,
             "note": "trained without privacy on public data only: no private image went in, no privacy was spent",
+            "sample_quality": sample_quality(cfg, directory),
         }
+        if record["sample_quality"] is not None:
+            log.info("public prior: its samples' class-consistency on public data is %.3f", record["sample_quality"]["class_consistency"])
+        warn_if_not_recognisable(record)
         write_json_atomically(record_path, record)
         return record
 
