@@ -55,9 +55,9 @@ def test_the_public_image_folder_experiment_trains(make_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_dit_xl_experiment_trains_on_a_pipeline_of_its_layout(make_config, tiny_pipeline):
+def test_the_dit_xl_experiment_trains_on_a_pipeline_of_its_layout(make_config, tiny_pipeline, tmp_path):
     result = train(make_config(
         "experiment=dpdm_cifar10_dit_xl", *SMALL, "data.image_size=16", f"model.name_or_path={tiny_pipeline}",
-        f"model.vae_name_or_path={tiny_pipeline}", fast=False,
+        f"model.vae_name_or_path={tiny_pipeline}", f"data.latent_cache_dir={tmp_path / 'latents'}", fast=False,
     ))
     assert result["steps"] == 2
