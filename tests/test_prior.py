@@ -140,10 +140,10 @@ def test_the_prior_check_recognises_real_digits(make_config, tmp_path):
 
     from dpdit.data import build_dataset
     from dpdit.evaluate import dataset_arrays
-    from dpdit.prior import sample_quality
+    from dpdit.prior import public_stage_config, sample_quality
 
     cfg = make_config(*PUBLIC)
     images, labels = dataset_arrays(build_dataset("font_digits", None, 8, 1, 10, size=200, split="test"))
     np.savez(tmp_path / "samples.npz", images=images, labels=labels)
-    quality = sample_quality(cfg, tmp_path)
+    quality = sample_quality(cfg, public_stage_config(cfg).data, tmp_path)
     assert quality["recognisable"] is True and quality["class_consistency"] > 0.3

@@ -155,15 +155,14 @@ def weights_key(public: DictConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sample_quality(cfg: DictConfig, directory: Path) -> dict[str, Any] | None:
+def sample_quality(cfg: DictConfig, public: DictConfig, directory: Path) -> dict[str, Any] | None:
     """How recognisable the public stage's own samples (its `samples.npz`) are, judged on
     public data only: `dpdit.evaluate`'s reference classifier, trained on the public data's
     training split, gives their class-consistency and its feature-space FD against the public
     test split. `recognisable` is false under twice chance: samples of no class, noise.
-    None when the public data has no test split to judge them by."""
+    None when the public data (`public`, the stage's data config) has no test split to judge them by."""
     from dpdit.evaluate import run_evaluation
 
-    public = compose_config("train", public_stage_overrides(cfg)).data
     if public.dataset == "imagefolder" and public.get("test_root") is None:
         log.info("public prior: its samples are not judged: public data=imagefolder has no test split (data.test_root)")
         return None
@@ -239,7 +238,7 @@ def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
             "checkpoint": str(last),
             "pipeline": str(directory / "pipeline") if (directory / "pipeline" / "model_index.json").is_file() else None,
             "note": "trained without privacy on public data only: no private image went in, no privacy was spent",
-            "sample_quality": sample_quality(cfg, directory),
+            "sample_quality": sample_quality(cfg, public.data, directory),
         }
         if record["sample_quality"] is not None:
             log.info("public prior: its samples' class-consistency on public data is %.3f", record["sample_quality"]["class_consistency"])
