@@ -16,7 +16,7 @@ from helpers import compose_config
 from dpdit.cluster import Requeued
 from dpdit.distributed import DPDDPStrategy
 from dpdit.module import DiffusionModule
-from dpdit.cli import ConfigError
+from dpdit.cli import ConfigError, Interrupted
 from dpdit.build import make_trainer, setup
 from dpdit.train import train
 
@@ -88,6 +88,18 @@ def test_a_gradient_averaging_strategy_is_refused(make_config):
         setup(make_config("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"))
 
 
+def test_sigterm_between_the_step_hooks_saves_after_the_next_step(make_config, monkeypatch, tmp_path):
+    """SIGTERM arriving after the callbacks' batch-end hooks still stops with a checkpoint
+    (Lightning's own handler would end the run there with status 0 and save nothing)."""
+
+    def sigterm_after_the_callbacks(self, outputs, batch, batch_idx):
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(DiffusionModule, "on_train_batch_end", sigterm_after_the_callbacks, raising=False)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM after step 3"):
+        train(make_config("trainer.max_steps=5", name="run"))
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def weights(run_dir):

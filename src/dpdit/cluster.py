@@ -75,6 +75,12 @@ class RequeueOnSignal(L.Callback):
         self.received = None
         self.previous_handlers = {signum: signal.signal(signum, self._note) for signum in self.signals}
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning wraps the SIGTERM handler after `setup` with its own, whose exit between
+        # two hooks has status 0 and saves nothing: only the note stays.
+        for signum in self.signals:
+            signal.signal(signum, self._note)
+
     def _restore_handlers(self) -> None:
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
