@@ -1,6 +1,8 @@
 """Every GPU experiment file composes and trains: 2 steps of its own model, loss, privacy and
 sampler on fake data of its image shape (public stages at test size)."""
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -44,6 +46,16 @@ def test_a_font_prior_experiment_trains_its_public_stage_then_fine_tunes(experim
     result = train(make_config(f"experiment={experiment}", "data.root=unused", *SMALL, public_stage(),
                                "prior.datasets=[mnist,fake]", fast=False))
     assert result["steps"] == 2 and result["init_checkpoint"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["dpdm_mnist_font_prior", "mnist_cpu"])
+def test_a_font_prior_experiment_trains_from_scratch_with_prior_none(experiment, make_config):
+    """prior=none leaves the experiment's public-stage overrides unused: no public stage runs."""
+    cfg = make_config(f"experiment={experiment}", "prior=none", "model.finetune=full", "data.root=unused", *SMALL, fast=False)
+    result = train(cfg)
+    assert result["steps"] == 2 and result["init_checkpoint"] is None
+    assert not (Path(cfg.paths.cache_dir) / "priors").exists()
 
 
 @pytest.mark.slow

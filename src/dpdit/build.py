@@ -24,7 +24,7 @@ from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.files import write_text_atomically
 from dpdit.module import DiffusionModule
-from dpdit.prior import prepare_prior, start_from_prior, uses_pretrained_model
+from dpdit.prior import has_public_prior, prepare_prior, start_from_prior, uses_pretrained_model
 from dpdit.privacy import (
     DPSGD,
     History,
@@ -252,7 +252,7 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
         check_precision(cfg.trainer.precision, privacy_config.clipping)
     # A new run (not a resume, not from a given checkpoint) starts from the public prior.
     prior = None
-    if cfg.get("prior") is not None and cfg.ckpt_path is None and cfg.init_ckpt_path is None:
+    if has_public_prior(cfg) and cfg.ckpt_path is None and cfg.init_ckpt_path is None:
         if train_public_stage is None:
             raise ValueError("this command trains from the model's initial weights: set prior=none")
         check_own_data(cfg.data, privacy_config)

@@ -57,6 +57,11 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=name, overrides=overrides)
 
 
+def has_public_prior(cfg: DictConfig) -> bool:
+    """Whether the run starts from a public stage (prior=none sets prior.experiment=null)."""
+    return cfg.get("prior") is not None and cfg.prior.get("experiment") is not None
+
+
 def uses_pretrained_model(cfg: DictConfig) -> bool:
     return bool(cfg.model.get("pretrained", False))
 
