@@ -12,7 +12,7 @@ from dpdit.profile import build, find_max_batch, largest_fitting, run_profile, r
 from dpdit.cli import ConfigError
 from dpdit.privacy import CLIPPING_MODES
 
-TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "profile.warmup=1", "profile.num_iter=2"]
+TINY = ["model.finetune=full", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "profile.warmup=1", "profile.num_iter=2"]
 
 
 @pytest.fixture
