@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import math
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,8 @@ KINDS = ("secret", "seeded")
 KEY_BYTES = 32
 # 53 random bits per uniform, as many as a float64 mantissa holds
 UNIFORM_BITS = 53
+# normals drawn at a time (even: Box-Muller gives them in pairs)
+NOISE_CHUNK = 2**18
 
 
 class PrivateRandomness:
@@ -88,24 +89,22 @@ class PrivateRandomness:
         """`batch_size` distinct indices, uniformly at random (non-private runs)."""
         return np.argsort(self.uniforms("batch", step, dataset_size), kind="stable")[:batch_size]
 
-    def gaussian_noise(self, step: int, references: list[torch.Tensor], std: float) -> Iterator[torch.Tensor]:
-        """N(0, std^2) noise shaped like each reference tensor (on its device, in its dtype),
-        all drawn from step `step`'s noise stream in order, one tensor at a time (a model's
-        noise at once would be a second copy of its gradients).
+    def add_gaussian_noise(self, step: int, tensors: list[torch.Tensor], std: float) -> None:
+        """Add N(0, std^2) noise to each (contiguous) tensor in place, all drawn from step
+        `step`'s noise stream in order, `NOISE_CHUNK` values at a time: no noise tensor the
+        size of a weight, let alone of the model (a second copy of its gradients), is ever
+        held, and the sum is rounded once, from float64."""
+        stream = Keystream(self.stream("noise", step))
+        for tensor in tensors:
+            for chunk in tensor.view(-1).split(NOISE_CHUNK):
+                chunk.add_(standard_normals(stream, chunk.numel(), tensor.device).mul_(std))
 
-        Box-Muller on the device in float64 from 53-bit uniforms: the noise is far finer than
-        the float32 gradient it is added to, so the sum's low bits are those of rounding,
-        not of the noise's representation (the floating-point attack of Mironov, 2012)."""
-        stream = self.stream("noise", step)
-        for reference in references:
-            pairs = math.ceil(reference.numel() / 2)
-            words = np.frombuffer(stream.update(bytes(16 * pairs)), dtype=np.uint64)
-            bits = torch.from_numpy((words >> np.uint64(64 - UNIFORM_BITS)).astype(np.int64)).to(reference.device)
-            uniform = (bits.double() + 1.0) * 2.0**-UNIFORM_BITS  # (0, 1]: the logarithm stays finite
-            radius = torch.sqrt(-2.0 * torch.log(uniform[:pairs]))
-            angle = 2.0 * math.pi * uniform[pairs:]
-            normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[: reference.numel()]
-            yield (std * normal).to(reference.dtype).view_as(reference)
+    def gaussian_noise(self, step: int, references: list[torch.Tensor], std: float) -> list[torch.Tensor]:
+        """The noise `add_gaussian_noise` adds to tensors shaped like `references` (on their
+        devices, in their dtypes)."""
+        noises = [torch.zeros_like(reference, memory_format=torch.contiguous_format) for reference in references]
+        self.add_gaussian_noise(step, noises, std)
+        return noises
 
     def share(self, strategy) -> None:
         """Make every rank use rank 0's key (each process drew its own at start)."""
@@ -152,3 +151,36 @@ def tensor_digest(named_tensors, header: str = "") -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class Keystream:
+    """An AES-CTR keystream read in pieces of at most `NOISE_CHUNK` words into one reused
+    buffer."""
+
+    def __init__(self, encryptor):
+        self.encryptor = encryptor
+        self.zeros = bytes(8 * NOISE_CHUNK)
+        # CTR may write up to a block beyond the input's length
+        self.buffer = bytearray(8 * NOISE_CHUNK + 15)
+
+    def words(self, count: int) -> np.ndarray:
+        """The next `count` 64-bit words; valid until the next call."""
+        self.encryptor.update_into(memoryview(self.zeros)[: 8 * count], self.buffer)
+        return np.frombuffer(self.buffer, dtype=np.uint64, count=count)
+
+
+def standard_normals(stream: Keystream, count: int, device: torch.device) -> torch.Tensor:
+    """`count` N(0, 1) values in float64 on `device`: Box-Muller on the device from 53-bit
+    uniforms. The noise is far finer than the float32 gradient it is added to, so the sum's
+    low bits are those of rounding, not of the noise's representation (the floating-point
+    attack of Mironov, 2012)."""
+    pairs = math.ceil(count / 2)
+    bits = stream.words(2 * pairs) >> np.uint64(64 - UNIFORM_BITS)
+    uniform = torch.from_numpy(bits.view(np.int64)).to(device).double()
+    uniform.add_(1.0).mul_(2.0**-UNIFORM_BITS)  # (0, 1]: the logarithm stays finite
+    radius = uniform[:pairs].log_().mul_(-2.0).sqrt_()
+    angle = uniform[pairs:].mul_(2.0 * math.pi)
+    normals = torch.empty(2 * pairs, dtype=torch.float64, device=device)
+    torch.mul(radius, torch.cos(angle), out=normals[:pairs])
+    torch.mul(radius, angle.sin_(), out=normals[pairs:])
+    return normals[:count]

@@ -127,7 +127,9 @@ class MicroBatchedStep:
         # Opacus' optimizer clips the last micro-batch, adds the noise and scales, in float32
         with full_precision(device):
             optimizer.step()
-        optimizer.zero_grad()
+        # freed, not zeroed (Opacus' default): zeroed gradients would stay held through the
+        # next forward and backward pass, one more copy of the trained weights
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _sum_gradients_over_ranks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -196,8 +198,8 @@ def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_o
     generator. As in Opacus' distributed optimizers, only rank 0 adds noise.
 
     No phase holds a second copy of the gradients, which at DiT-XL/2's size is 3 GiB each:
-    the noise is drawn and added one parameter at a time, in place, and the summed gradient
-    becomes `.grad` (Opacus adds a new tensor for each); the ghost optimizers' accumulation
+    the noise is drawn and added in place, a chunk of values at a time, and the summed
+    gradient becomes `.grad` (Opacus adds a new tensor for each); the ghost optimizers' accumulation
     takes the first micro-batch's clipped sum as it is (Opacus copies it) and frees each
     `.grad` once it is summed."""
 
@@ -215,10 +217,7 @@ def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_o
             for p in params:
                 _check_processed_flag(p.summed_grad)
             if getattr(self, "rank", 0) == 0 and self.noise_multiplier > 0:
-                std = self.noise_multiplier * self.max_grad_norm
-                noises = randomness.gaussian_noise(step_of(), [p.summed_grad for p in params], std)
-                for p, noise in zip(params, noises):
-                    p.summed_grad.add_(noise)
+                randomness.add_gaussian_noise(step_of(), [p.summed_grad for p in params], self.noise_multiplier * self.max_grad_norm)
             for p in params:
                 p.grad = p.summed_grad.view_as(p)
                 _mark_as_processed(p.summed_grad)
@@ -311,7 +310,7 @@ class DPSGD(MicroBatchedStep):
         self.optimizer.signal_skip_step(do_skip=True)
         with full_precision(self.optimizer.params[0].device):
             self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def account(self) -> None:
         self.ledger.record_step()
