@@ -98,6 +98,11 @@ def test_max_batch_search_finds_the_threshold_in_few_tries(threshold):
 
     assert largest_fitting(fits, upper=64) == min(threshold, 64)
     assert len(tried) == len(set(tried)) <= 2 * 7
+    # doubling from a first guess above or below the threshold finds it too
+    for first in (16, 64):
+        tried.clear()
+        assert largest_fitting(fits, upper=64, first=first) == min(threshold, 64)
+        assert tried[0] == first and len(tried) == len(set(tried)) <= 2 * 7
 
 
 @pytest.mark.slow
@@ -119,6 +124,8 @@ def test_max_batch_tries_run_in_fresh_processes_against_the_memory_limit(profile
         (["profile.batch_sizes=[0]"], "profile.batch_sizes"),
         (["profile.num_iter=0"], "profile.num_iter=0"),
         (["profile.find_max_batch=true"], "profile.find_max_batch=true on a machine without a GPU.*profile.memory_limit_gib"),
+        (["profile.find_max_batch=true", "profile.batch_multiple=0"], "profile.batch_multiple=0.*1 <= batch_multiple <= max_batch"),
+        (["profile.find_max_batch=true", "profile.first_batch=0"], "profile.first_batch=0 must be at least 1"),
         (["trainer.precision=bf16-mixed"], "profile.modes has ghost: trainer.precision=bf16-mixed"),
         (["data.image_size=9", "profile.modes=[vanilla]"], "not divisible by patch size 2.*data.image_size"),
     ],

@@ -23,6 +23,7 @@ from dpdit.cluster import resume_checkpoint
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.files import write_text_atomically
+from dpdit.memory import check_memory_fits
 from dpdit.module import DiffusionModule
 from dpdit.prior import has_public_prior, prepare_prior, start_from_prior, uses_pretrained_model
 from dpdit.privacy import (
@@ -292,6 +293,10 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = make_trainer(cfg.trainer, callbacks, loggers)
+    check_memory_fits(
+        model, privacy_config.clipping if privacy.enabled else None, datamodule.physical_batch_size,
+        privacy.noise_multiplicity, trainer.strategy.root_device, cfg.optimizer._target_,
+    )
     if trainer.is_global_zero:
         save_run_config(resolved, cfg.paths.output_dir, resumed.get("global_step") if resumed else None)
     for logger in trainer.loggers:

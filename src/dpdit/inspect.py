@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.cli import ConfigError, command, settings_checked
+from dpdit.memory import training_state_bytes
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity
@@ -383,13 +384,6 @@ def per_sample_memory(layers: list[Layer], batch_size: int, draws: int) -> dict[
     }
 
 
-def training_state_memory(model: nn.Module) -> dict[str, int]:
-    """Bytes of the state that training holds in every mode."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return {"weights": weights, "gradients": gradients, "adam": 2 * gradients, "ema": weights}
-
-
 #################################################################################
 #                               Pretrained models                              #
 #################################################################################
@@ -496,7 +490,7 @@ def inspect_model(cfg: DictConfig) -> dict[str, Any]:
         "clipping": collapse_blocks(clipping, names[blocks]),
         "memory": {
             **per_sample_memory(clipping, cfg.inspect.batch_size, draws),
-            "training_state": training_state_memory(model),
+            "training_state": training_state_bytes(model),
         },
     }
     if isinstance(model, PretrainedDiT):

@@ -34,10 +34,12 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.bisection import last_fitting
 from dpdit.build import make_module, make_trainer
 from dpdit.cli import ConfigError, command
+from dpdit.memory import DoesNotFit, check_memory_fits
 from dpdit.module import DiffusionModule
 from dpdit.privacy import CLIPPING_MODES, DPSGD, Mechanism, NonPrivate, PrivacyConfig, check_model_is_private, check_precision
 
@@ -73,10 +75,15 @@ def reset_resident_peak() -> None:
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training step after `warmup` steps, and the peak memory over them."""
+    """Wall time of each training step after `warmup` steps, and the peak memory over them.
+    With `output_file`, the times and peaks are written there when training ends: a training
+    run measures itself with `+callbacks.step_timer._target_=dpdit.profile.StepTimer
+    +callbacks.step_timer.warmup=5 +callbacks.step_timer.output_file=<path>`."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, output_file: str | None = None, timed: int | None = None):
         self.warmup = warmup
+        self.timed = timed if timed is not None else 2**62
+        self.output_file = output_file
         self.step_times: list[float] = []
         self.peak: dict[str, int | None] = {}
 
@@ -95,7 +102,7 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._synchronize(module.device)
-        if batch_idx < self.warmup:
+        if batch_idx < self.warmup or batch_idx >= self.warmup + self.timed:
             return
         self.step_times.append(time.perf_counter() - self._start)
         cuda = module.device.type == "cuda"
@@ -104,6 +111,32 @@ class StepTimer(L.Callback):
             "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(module.device) if cuda else None,
             "rss_peak_bytes": resident_bytes("VmHWM"),
         }
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.output_file is None or trainer.global_rank != 0:
+            return
+        median = statistics.median(self.step_times) if self.step_times else None
+        summary = {"warmup_steps": self.warmup, "median_step_s": median, "step_times_s": self.step_times, **self.peak}
+        Path(self.output_file).write_text(json.dumps(summary, indent=2))
+
+
+class MultiplyAddCounter(L.Callback):
+    """The matrix multiply-adds (matmuls, attention, convolutions: torch's flop counter, /2)
+    of training step `step`: what the step's cost is bounded by when those dominate."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.multiply_adds: int | None = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            self.counter = FlopCounterMode(display=False)
+            self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            self.counter.__exit__(None, None, None)
+            self.multiply_adds = self.counter.get_total_flops() // 2
 
 
 def mechanism_for(mode: str, cfg: DictConfig, batch_size: int) -> Mechanism:
@@ -130,7 +163,11 @@ def build(cfg: DictConfig, mode: str, batch_size: int) -> tuple[DiffusionModule,
     model = instantiate(cfg.model)
     if mode != VANILLA:
         check_model_is_private(model, mode)
-    module = make_module(cfg, model, mechanism_for(mode, cfg, batch_size), batch_size, seed=cfg.profile.seed)
+    mechanism = mechanism_for(mode, cfg, batch_size)
+    module = make_module(cfg, model, mechanism, batch_size, seed=cfg.profile.seed)
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    clipping = None if mode == VANILLA else mode
+    check_memory_fits(model, clipping, batch_size, mechanism.noise_multiplicity, torch.device("cuda" if on_gpu else "cpu"), cfg.optimizer._target_)
     generator = torch.Generator().manual_seed(cfg.profile.seed)
     shape = (batch_size, model.in_channels, model.input_size, model.input_size)
     images = torch.rand(shape, generator=generator) * 2 - 1
@@ -190,11 +227,15 @@ def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num
     rss_before_model = resident_bytes()
     try:
         module, batch = build(cfg, mode, batch_size)
+    except DoesNotFit as error:  # refused before work; the other modes still run
+        return {**record, "status": "refused", "error": str(error)}
     except (ValueError, FileNotFoundError, InstantiationException) as error:
         return {**record, "status": "config_error", "error": str(error)}
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup, timed=num_iter)
+    # with profile.count_multiply_adds, one more step after the timed ones, under the counter
+    counter = MultiplyAddCounter(warmup + num_iter) if cfg.profile.count_multiply_adds else None
     try:
-        trainer = run_steps(cfg, module, batch, warmup + num_iter, [timer])
+        trainer = run_steps(cfg, module, batch, warmup + num_iter + (counter is not None), [timer] + ([counter] if counter else []))
     except Exception as error:  # a mode that fails (e.g. a layer ghost clipping cannot take) must not stop the others
         first_line = (str(error).splitlines() or [""])[0]
         status = "out_of_memory" if is_out_of_memory(error) else "error"
@@ -208,6 +249,7 @@ def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num
         "status": "ok",
         "median_step_s": median,
         "images_per_s": batch_size / median,
+        "multiply_adds": counter.multiply_adds if counter else None,
         "step_times_s": timer.step_times,
         "warmup_steps": warmup,
         "memory": {
@@ -260,12 +302,13 @@ def in_fresh_process(config: dict[str, Any], mode: str, batch_size: int, warmup:
     return record
 
 
-def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], upper: int, first: int = 1) -> int:
     """The largest batch in [1, upper] for which `fits` holds (0 if none), assuming that a
-    batch fits whenever a larger one does: doubling from 1, then bisection."""
-    if not fits(1):
-        return 0
-    low = 1
+    batch fits whenever a larger one does: doubling from `first`, then bisection."""
+    first = min(first, upper)
+    if not fits(first):
+        return last_fitting(fits, 0, first)
+    low = first
     while low < upper:
         candidate = min(2 * low, upper)
         if not fits(candidate):
@@ -278,8 +321,10 @@ def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
 
 
 def find_max_batch(config: dict[str, Any], mode: str) -> dict[str, Any]:
-    """Largest physical batch of `mode` that fits, from two-step tries in fresh processes."""
+    """Largest physical batch of `mode` that fits, from two-step tries in fresh processes,
+    among the multiples of `profile.batch_multiple` (fewer tries where a GPU holds hundreds)."""
     limit = config["profile"]["memory_limit_gib"]
+    multiple = config["profile"]["batch_multiple"]
     tries = []
 
     def fits(batch_size: int) -> bool:
@@ -289,7 +334,9 @@ def find_max_batch(config: dict[str, Any], mode: str) -> dict[str, Any]:
         tries.append({"batch_size": batch_size, "fits": fit, "status": record["status"], "peak_bytes": peak})
         return fit
 
-    largest = largest_fitting(fits, config["profile"]["max_batch"])
+    largest = multiple * largest_fitting(
+        lambda k: fits(k * multiple), config["profile"]["max_batch"] // multiple, max(1, config["profile"]["first_batch"] // multiple)
+    )
     return {"batch_size": largest, "memory_limit_gib": limit, "tries": tries}
 
 
@@ -302,8 +349,13 @@ def check_profile_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"profile.batch_sizes={list(profile.batch_sizes)}: each must be at least 1")
     if profile.warmup < 0 or profile.num_iter < 1:
         raise ConfigError(f"profile.warmup={profile.warmup}, profile.num_iter={profile.num_iter}: warm-up >= 0 and at least one timed step")
-    if profile.find_max_batch and profile.max_batch < 1:
-        raise ConfigError(f"profile.max_batch={profile.max_batch} must be at least 1")
+    if profile.find_max_batch and not 1 <= profile.batch_multiple <= profile.max_batch:
+        raise ConfigError(
+            f"profile.batch_multiple={profile.batch_multiple}, profile.max_batch={profile.max_batch}: "
+            "the search tries multiples of batch_multiple up to max_batch, so 1 <= batch_multiple <= max_batch"
+        )
+    if profile.find_max_batch and profile.first_batch < 1:
+        raise ConfigError(f"profile.first_batch={profile.first_batch} must be at least 1")
     if profile.memory_limit_gib is not None and profile.memory_limit_gib <= 0:
         raise ConfigError(f"profile.memory_limit_gib={profile.memory_limit_gib} must be positive (or null)")
     if profile.find_max_batch and profile.memory_limit_gib is None and not torch.cuda.is_available():
@@ -330,11 +382,14 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         record["vs_vanilla"] = {
             "step_time": record["median_step_s"] / base["median_step_s"],
             "peak_memory": record["memory"]["peak_bytes"] / max(base["memory"]["peak_bytes"], 1),
+            "multiply_adds": record["multiply_adds"] / base["multiply_adds"] if record.get("multiply_adds") and base.get("multiply_adds") else None,
         }
 
 
 def format_table(records: list[dict[str, Any]], max_batch: dict[str, Any]) -> str:
+    counted = any(r.get("multiply_adds") for r in records)
     header = f"{'mode':<10} {'batch':>6} {'step (s)':>10} {'images/s':>10} {'peak memory':>12} {'time/vanilla':>13} {'memory/vanilla':>15}"
+    header += f" {'mult-adds/vanilla':>18}" if counted else ""
     lines = [header, "-" * len(header)]
     for r in records:
         if r["status"] != "ok":
@@ -343,10 +398,13 @@ def format_table(records: list[dict[str, Any]], max_batch: dict[str, Any]) -> st
         ratio = r["vs_vanilla"] or {}
         time_ratio = f"{ratio['step_time']:.2f}x" if ratio else "-"
         memory_ratio = f"{ratio['peak_memory']:.2f}x" if ratio else "-"
-        lines.append(
+        line = (
             f"{r['mode']:<10} {r['batch_size']:>6} {r['median_step_s']:>10.4f} {r['images_per_s']:>10.1f} "
             f"{r['memory']['peak_bytes'] / GIB:>8.3f} GiB {time_ratio:>13} {memory_ratio:>15}"
         )
+        if counted:
+            line += f" {ratio['multiply_adds']:>17.3f}x" if ratio and ratio.get("multiply_adds") else f" {'-':>18}"
+        lines.append(line)
     for mode, found in max_batch.items():
         lines.append(f"largest physical batch that fits, {mode}: {found['batch_size']}")
     return "\n".join(lines)
