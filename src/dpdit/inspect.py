@@ -46,6 +46,7 @@ from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity
 from dpdit.privacy.per_sample import GHOST_NORM, clipping_path, gram_matrices_outweigh_gradient
 from dpdit.profile import VANILLA
+from dpdit.randomness import NOISE_WORKSPACE_BYTES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -354,33 +355,40 @@ def collapse_blocks(layers: list[Layer], blocks_prefix: str) -> list[dict[str, A
 
 
 def per_sample_memory(layers: list[Layer], batch_size: int, draws: int) -> dict[str, Any]:
-    """Bytes each mode holds beyond non-private training for per-sample values at `batch_size`
-    images of `draws` rows each.
+    """Bytes each mode holds beyond non-private training at `batch_size` images of `draws`
+    rows each.
 
     hooks and functorch keep every layer's per-row gradient until the backward pass ends
-    (then the per-image means, which the optimizer clips); ghost keeps one norm per image
-    and parameter tensor, plus the largest per-layer transient, freed after that layer's norm;
-    book-keeping keeps every layer's output gradients (and per-image gradients where it
-    forms them) from its one backward pass until the clipped sums.
+    (then the per-image means, which the optimizer clips) and the clipped sum beside the
+    gradients; ghost keeps one norm per image and parameter tensor, plus the largest
+    per-layer transient, freed after that layer's norm; book-keeping keeps every layer's
+    output gradients (and per-image gradients where it forms them) from its one backward
+    pass until the clipped sums, which are the gradients themselves. Every DP mode draws
+    its noise in place, one chunk at a time.
     """
-    per_sample_gradients = batch_size * draws * sum(layer.parameters * layer.value_bytes for layer in layers)
+    gradients = sum(layer.parameters * layer.value_bytes for layer in layers)
+    per_sample_gradients = batch_size * draws * gradients
     norms = batch_size * sum(layer.tensors * layer.value_bytes for layer in layers)
     peak = max(layers, key=lambda layer: layer.ghost_bytes_per_image)
     by_mode = {
         VANILLA: 0,
-        "hooks": per_sample_gradients,
+        "hooks": per_sample_gradients + gradients,
         "ghost": norms + batch_size * peak.ghost_bytes_per_image,
-        "functorch": per_sample_gradients,
+        "functorch": per_sample_gradients + gradients,
         "bookkeeping": norms + batch_size * sum(layer.bookkeeping_bytes_per_image for layer in layers),
     }
     return {
         "batch_size": batch_size,
         "noise_multiplicity": draws,
-        "bytes": by_mode,
+        "bytes": {mode: n + (NOISE_WORKSPACE_BYTES if mode != VANILLA else 0) for mode, n in by_mode.items()},
+        "per_sample_gradient_bytes": per_sample_gradients,
+        "clipped_sum_bytes": gradients,
+        "kept_output_gradient_bytes": batch_size * sum(layer.bookkeeping_bytes_per_image for layer in layers),
         "ghost_norm_bytes": norms,
         "ghost_peak_bytes": batch_size * peak.ghost_bytes_per_image,
         "ghost_peak_layer": peak.name,
         "ghost_peak_layers": sum(layer.ghost_bytes_per_image == peak.ghost_bytes_per_image for layer in layers),
+        "noise_workspace_bytes": NOISE_WORKSPACE_BYTES,
     }
 
 
@@ -604,12 +612,18 @@ def render_clipping(rows: list[dict[str, Any]]) -> list[str]:
 def render_memory(memory: dict[str, Any]) -> list[str]:
     state = memory["training_state"]
     draws = f", {memory['noise_multiplicity']} noise draws per image" if memory["noise_multiplicity"] > 1 else ""
-    lines = [f"Per-sample memory at physical batch {memory['batch_size']}{draws} (beyond non-private training)"]
+    lines = [f"Memory the DP step adds at physical batch {memory['batch_size']}{draws} (beyond non-private training)"]
     lines += table(["mode", "memory"], [[mode, size(n)] for mode, n in memory["bytes"].items()], "<>")
     lines += [
+        f"hooks, functorch: {size(memory['per_sample_gradient_bytes'])} of per-sample gradients and their clipped sum, "
+        f"{size(memory['clipped_sum_bytes'])}, beside the gradients",
         f"ghost: {size(memory['ghost_norm_bytes'])} of stored norms plus the largest transient, "
         f"{size(memory['ghost_peak_bytes'])} at {memory['ghost_peak_layer']}"
         + (f" (and {memory['ghost_peak_layers'] - 1} more layers alike)" if memory["ghost_peak_layers"] > 1 else ""),
+        f"bookkeeping: {size(memory['kept_output_gradient_bytes'])} of output gradients (and per-image gradients where "
+        "formed) kept from its one backward pass until the clipped sums, which are the gradients themselves",
+        f"every DP mode: {size(memory['noise_workspace_bytes'])} to draw the noise in place, a chunk at a time; "
+        "no other copy of the gradients (gradients are freed after each step, not zeroed)",
         f"for context, in every mode: weights {size(state['weights'])}, gradients {size(state['gradients'])}, "
         f"Adam state {size(state['adam'])}, EMA copy {size(state['ema'])} (activations not included)",
         "",

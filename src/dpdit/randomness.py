@@ -36,6 +36,9 @@ KEY_BYTES = 32
 UNIFORM_BITS = 53
 # normals drawn at a time (even: Box-Muller gives them in pairs)
 NOISE_CHUNK = 2**18
+# what drawing one chunk holds: the keystream, its shifted words, the uniforms, the normals
+# and one cosine, 8 bytes per value each
+NOISE_WORKSPACE_BYTES = 5 * 8 * NOISE_CHUNK
 
 
 class PrivateRandomness:
