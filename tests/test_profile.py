@@ -25,7 +25,7 @@ def profile_config(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_profile_writes_records_table_and_chart(profile_config, tmp_path):
-    results = run_profile(profile_config("profile.modes=[vanilla,hooks,ghost]", "profile.batch_sizes=[4]"))
+    results = run_profile(profile_config("profile.modes=[vanilla,hooks,ghost]", "profile.batch_sizes=[4]", "profile.count_multiply_adds=true"))
 
     written = json.loads((tmp_path / "profile.json").read_text())
     assert [r["mode"] for r in written["records"]] == ["vanilla", "hooks", "ghost"]
@@ -44,7 +44,14 @@ def test_tiny_profile_writes_records_table_and_chart(profile_config, tmp_path):
         vanilla = written["records"][0]
         assert ratio["step_time"] == pytest.approx(record["median_step_s"] / vanilla["median_step_s"])
         assert ratio["peak_memory"] == pytest.approx(memory["peak_bytes"] / vanilla["memory"]["peak_bytes"])
-    assert written["records"][0]["vs_vanilla"] == {"step_time": 1.0, "peak_memory": 1.0}
+        assert ratio["multiply_adds"] == pytest.approx(record["multiply_adds"] / vanilla["multiply_adds"])
+        assert record["trained_parameters"] == record["parameters"] > 0
+    assert written["records"][0]["vs_vanilla"] == {"step_time": 1.0, "peak_memory": 1.0, "multiply_adds": 1.0}
+    # counted in one more, untimed step: hooks' per-sample gradients (an einsum per layer)
+    # and ghost's second backward pass are matrix products beyond vanilla's
+    vanilla, hooks, ghost = (r["multiply_adds"] for r in written["records"])
+    assert 0 < vanilla < hooks and vanilla < ghost
+    assert "mult-adds/vanilla" in results["table"]
     for mode in ("vanilla", "hooks", "ghost"):
         assert mode in results["table"]
     chart = (tmp_path / "profile.png").read_bytes()

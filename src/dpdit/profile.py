@@ -249,6 +249,8 @@ def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num
         "status": "ok",
         "median_step_s": median,
         "images_per_s": batch_size / median,
+        "parameters": sum(p.numel() for p in module.model.parameters()),
+        "trained_parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
         "multiply_adds": counter.multiply_adds if counter else None,
         "step_times_s": timer.step_times,
         "warmup_steps": warmup,
