@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.cli import ConfigError, command, settings_checked
-from dpdit.memory import training_state_bytes
+from dpdit.memory import size, training_state_bytes
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity
@@ -449,14 +449,14 @@ def paper_model_config(name: str) -> DictConfig:
 
 def paper_sizes() -> list[dict[str, Any]]:
     rows = []
-    for size, (published_parameters, published_gflops) in PUBLISHED.items():
+    for model_size, (published_parameters, published_gflops) in PUBLISHED.items():
         for patch, gflops in published_gflops.items():
-            name = f"dit_{size.lower()}_{patch}"
+            name = f"dit_{model_size.lower()}_{patch}"
             model = build_model(paper_model_config(name))
             _, measured = trace(model, [], example_inputs(model))
             rows.append(
                 {
-                    "model": f"DiT-{size}/{patch}",
+                    "model": f"DiT-{model_size}/{patch}",
                     "config": name,
                     "parameters": count(model.parameters()),
                     "published_parameters": published_parameters,
@@ -510,13 +510,6 @@ def inspect_model(cfg: DictConfig) -> dict[str, Any]:
 
 def millions(n: float) -> str:
     return f"{n / 1e6:,.2f}M"
-
-
-def size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
 
 
 def shape(dims: list[int] | None) -> str:

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-GIB = 2**30
 # modes that hold a gradient of every trained weight per image
 PER_SAMPLE_GRADIENT_MODES = ("hooks", "functorch")
 # values of optimizer state per trained weight, by the optimizer's class
@@ -59,7 +58,11 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def size(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+    """Bytes in the largest binary unit they fill."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
 
 
 def check_memory_fits(
