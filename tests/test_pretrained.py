@@ -3,6 +3,7 @@ compatibility checked by numbers, what to train, labels, the latent cache and th
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from omegaconf import OmegaConf
 from dpdit.data import build_dataset
 from dpdit.export import ema_state, export_run
 from dpdit.export import main as export_main
-from dpdit.models import FrozenVAE
+from dpdit.models import FrozenVAE, PretrainedDiT
+from dpdit.models.pretrained import load_vae
 from dpdit.sample import run_sampling
 from dpdit.cli import ConfigError
 from dpdit.build import setup
@@ -31,6 +33,29 @@ def test_forward_is_diffusers_forward(tiny_pipeline):
         theirs = model.transformer(x, t, imagenet_ids).sample
     assert ours.shape == (BATCH, 8, 8, 8)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, file) of this process's memory mapped from files (Linux)."""
+    mappings = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            mappings.append((start, end, fields[5]))
+    return mappings
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux' /proc")
+def test_loaded_weights_are_process_memory_not_a_mapped_file(tiny_pipeline):
+    # diffusers maps safetensors files: their pages look reclaimable and turn into process
+    # memory only when training writes them
+    model = PretrainedDiT.from_pretrained(str(tiny_pipeline), num_classes=3)
+    vae = load_vae(str(tiny_pipeline)).autoencoder
+    mapped = [m for m in file_mappings() if m[2].endswith(".safetensors")]
+    for tensor in [*model.parameters(), *model.buffers(), *vae.parameters()]:
+        address = tensor.data_ptr()
+        assert not any(start <= address < end for start, end, _ in mapped)
 
 
 def test_labels_map_onto_class_table_rows(tiny_pipeline):

@@ -51,7 +51,7 @@ def load_component(model_class, name_or_path: str, subfolder: str, setting: str,
     if path.is_dir():
         for sub in (subfolder, None):
             if (path / (sub or "") / "config.json").is_file():
-                return model_class.from_pretrained(path, subfolder=sub, **kwargs)
+                return in_process_memory(model_class.from_pretrained(path, subfolder=sub, **kwargs))
         raise FileNotFoundError(
             f"{setting}={name_or_path!r} holds neither {subfolder}/config.json (a pipeline directory) "
             f"nor config.json (a {model_class.__name__} directory)"
@@ -60,10 +60,21 @@ def load_component(model_class, name_or_path: str, subfolder: str, setting: str,
         raise FileNotFoundError(f"{setting}={name_or_path!r} is not a directory")
     for sub in (subfolder, None):
         try:
-            return model_class.from_pretrained(name_or_path, subfolder=sub, **kwargs)
+            return in_process_memory(model_class.from_pretrained(name_or_path, subfolder=sub, **kwargs))
         except OSError:
             continue
     raise _missing_weights(setting, name_or_path, subfolder)
+
+
+def in_process_memory(model: nn.Module) -> nn.Module:
+    """`model` with its tensors copied out of the safetensors file they were mapped from.
+    Mapped, the system counts their pages as reclaimable (so a memory check sees 3 GB of
+    DiT-XL/2 as free) and training writes them copy-on-write, each page becoming process
+    memory at the first optimizer step; copied, the model holds what it appears to hold."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    return model
 
 
 class FrozenVAE:
