@@ -126,3 +126,11 @@ def test_precisions_that_break_the_dp_step_are_refused(make_config, precision, c
 
     with pytest.raises(ConfigError, match=message):
         setup(make_config(f"trainer.precision={precision}", f"privacy.clipping={clipping}"))
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
+def test_gradients_are_freed_after_each_step(clipping):
+    # zeroed instead (Opacus' default), they would be one more copy of the trained weights
+    # through the next step's forward and backward pass
+    module, _ = run_step(dp(clipping, noise_multiplier=1.0), physical_batch_size=BATCH // 2, steps=2)
+    assert all(p.grad is None for p in module.model.parameters())

@@ -75,14 +75,15 @@ def reset_resident_peak() -> None:
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training step after `warmup` steps, and the peak memory over them.
+    """Wall time of each training step after `warmup` steps (of `timed` steps, if given), and
+    the peak memory over them.
     With `output_file`, the times and peaks are written there when training ends: a training
     run measures itself with `+callbacks.step_timer._target_=dpdit.profile.StepTimer
     +callbacks.step_timer.warmup=5 +callbacks.step_timer.output_file=<path>`."""
 
     def __init__(self, warmup: int, output_file: str | None = None, timed: int | None = None):
         self.warmup = warmup
-        self.timed = timed if timed is not None else 2**62
+        self.timed = timed  # None: every step after the warm-up
         self.output_file = output_file
         self.step_times: list[float] = []
         self.peak: dict[str, int | None] = {}
@@ -102,7 +103,7 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._synchronize(module.device)
-        if batch_idx < self.warmup or batch_idx >= self.warmup + self.timed:
+        if batch_idx < self.warmup or (self.timed is not None and batch_idx >= self.warmup + self.timed):
             return
         self.step_times.append(time.perf_counter() - self._start)
         cuda = module.device.type == "cuda"
