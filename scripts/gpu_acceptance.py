@@ -141,7 +141,8 @@ def training_record(name: str, overrides: list[str], output: Path, warmup: int) 
     report = train(configuration("train", overrides))
     wall = time.perf_counter() - started
     steps = json.loads(timer.read_text())
-    losses = [float(row["train/loss"]) for row in csv.DictReader(open(next(output.glob("csv/*/metrics.csv")))) if row.get("train/loss")]
+    with open(next(output.glob("csv/*/metrics.csv"))) as metrics:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(metrics) if row.get("train/loss")]
     peak = steps["cuda_max_allocated_bytes"] if steps["cuda_max_allocated_bytes"] is not None else steps["rss_peak_bytes"]
     release_memory()
     return {
@@ -155,8 +156,7 @@ def training_record(name: str, overrides: list[str], output: Path, warmup: int) 
 def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()  # the next run's step timer resets the peak itself
 
 
 def training_records(pipeline: Path, size: dict, output: Path) -> list[dict[str, Any]]:

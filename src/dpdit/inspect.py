@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.cli import ConfigError, command, settings_checked
-from dpdit.memory import size, training_state_bytes
+from dpdit.memory import per_sample_bytes, size, training_state_bytes
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
 from dpdit.privacy import CLIPPING_MODES, check_model_is_private, check_noise_multiplicity
@@ -354,7 +354,7 @@ def collapse_blocks(layers: list[Layer], blocks_prefix: str) -> list[dict[str, A
     return list(rows.values())
 
 
-def per_sample_memory(layers: list[Layer], batch_size: int, draws: int) -> dict[str, Any]:
+def per_sample_memory(model: nn.Module, layers: list[Layer], batch_size: int, draws: int) -> dict[str, Any]:
     """Bytes each mode holds beyond non-private training at `batch_size` images of `draws`
     rows each.
 
@@ -366,23 +366,22 @@ def per_sample_memory(layers: list[Layer], batch_size: int, draws: int) -> dict[
     pass until the clipped sums, which are the gradients themselves. Every DP mode draws
     its noise in place, one chunk at a time.
     """
-    gradients = sum(layer.parameters * layer.value_bytes for layer in layers)
-    per_sample_gradients = batch_size * draws * gradients
+    per_sample = per_sample_bytes(model, "hooks", batch_size, draws)
     norms = batch_size * sum(layer.tensors * layer.value_bytes for layer in layers)
     peak = max(layers, key=lambda layer: layer.ghost_bytes_per_image)
     by_mode = {
         VANILLA: 0,
-        "hooks": per_sample_gradients + gradients,
+        "hooks": sum(per_sample.values()),
         "ghost": norms + batch_size * peak.ghost_bytes_per_image,
-        "functorch": per_sample_gradients + gradients,
+        "functorch": sum(per_sample.values()),
         "bookkeeping": norms + batch_size * sum(layer.bookkeeping_bytes_per_image for layer in layers),
     }
     return {
         "batch_size": batch_size,
         "noise_multiplicity": draws,
         "bytes": {mode: n + (NOISE_WORKSPACE_BYTES if mode != VANILLA else 0) for mode, n in by_mode.items()},
-        "per_sample_gradient_bytes": per_sample_gradients,
-        "clipped_sum_bytes": gradients,
+        "per_sample_gradient_bytes": per_sample["per-sample gradients"],
+        "clipped_sum_bytes": per_sample["clipped sum"],
         "kept_output_gradient_bytes": batch_size * sum(layer.bookkeeping_bytes_per_image for layer in layers),
         "ghost_norm_bytes": norms,
         "ghost_peak_bytes": batch_size * peak.ghost_bytes_per_image,
@@ -497,7 +496,7 @@ def inspect_model(cfg: DictConfig) -> dict[str, Any]:
         "opacus_validator": opacus_verdict(model, cfg.privacy.clipping),
         "clipping": collapse_blocks(clipping, names[blocks]),
         "memory": {
-            **per_sample_memory(clipping, cfg.inspect.batch_size, draws),
+            **per_sample_memory(model, clipping, cfg.inspect.batch_size, draws),
             "training_state": training_state_bytes(model),
         },
     }
