@@ -1,18 +1,20 @@
 """What the tests share: the real configs composed one way, the tiny models, batches and
 losses of the DP-step tests, and a tiny diffusers pipeline saved like the hub's."""
 
+import copy
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
+from dpdit.cli import CONFIG_DIR
 from dpdit.models import DiT, PretrainedDiT
 from dpdit.module import DiffusionModule
 from dpdit.privacy import DPSGD, PrivacyConfig
 from dpdit.profile import RepeatedBatch
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIGS = str(CONFIG_DIR)
 
 # A run small enough for two CPU cores: tiny model, a few steps, few samples.
 FAST = [
@@ -128,6 +130,22 @@ def per_sample_gradients(images, labels, **options):
         FixedLoss().training_losses(model, images[i : i + 1], labels[i : i + 1]).sum().backward()
         grads.append([p.grad.detach().clone() for p in model.parameters()])
     return grads
+
+
+def clipped_reference(model, images, labels, bound, loss=FixedLoss()):
+    """Each image's gradient alone (a copy of `model`, micro-batches of one), its norm, and the
+    mean of the gradients clipped to `bound` over the batch: what a DP step without noise
+    at sample rate 1 must move the weights by."""
+    model = copy.deepcopy(model)
+    per_image = []
+    for i in range(images.shape[0]):
+        model.zero_grad()
+        loss.training_losses(model, images[i : i + 1], labels[i : i + 1]).sum().backward()
+        per_image.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+    norms = torch.stack([norm(g) for g in per_image])
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    update = [sum(f * g[k] for f, g in zip(factors, per_image)) / images.shape[0] for k in range(len(per_image[0]))]
+    return norms, update
 
 
 def norm(gradient):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from helpers import Scale, norm
-from dpdit.privacy.bookkeeping import BookKeeping
-from dpdit.privacy.per_sample import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, bookkeeping_path
+from dpdit.privacy.clipping import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT
+from dpdit.privacy.clipping.bookkeeping import BookKeeping, bookkeeping_path
 
 
 
@@ -56,7 +56,7 @@ def test_norms_and_clipped_sum_equal_autograd_image_by_image(draws):
 
     model.zero_grad()
     bookkeeping = BookKeeping(model, bound)
-    norms = bookkeeping.clip_and_sum(losses(model, images, ids, draws))
+    norms = bookkeeping.per_image_norms(losses(model, images, ids, draws))
     torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=0)
     for k, (name, parameter) in enumerate(model.named_parameters()):
         want = sum(f * g[k] for f, g in zip(factors, per_image))
@@ -81,7 +81,7 @@ def test_the_backward_pass_forms_no_parameter_gradient():
     images, ids = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.tensor([[1, 2, 3], [3, 2, 1]])
     computed = []
     handles = [p.register_hook(lambda grad, name=name: computed.append(name)) for name, p in model.named_parameters()]
-    bookkeeping.clip_and_sum(losses(model, images, ids, 1))
+    bookkeeping.per_image_norms(losses(model, images, ids, 1))
     assert computed == []
     summed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

@@ -245,8 +245,8 @@ def test_parameters_held_by_optimizer_and_hooks_are_the_models_after_a_move():
     model.to(torch.float64)
     assert all(a is b for a, b in zip(trainable_before, (p for p in model.parameters() if p.requires_grad)))
     privacy = dp("ghost")
-    optimizer = privacy.attach(model, torch.optim.SGD(trainable_before, lr=1.0))
-    check_parameters_held(model, optimizer, privacy.hooks)
+    optimizer = privacy.attach(model, torch.optim.SGD(trainable_before, lr=1.0), losses=None, backward=None)
+    check_parameters_held(model, optimizer, privacy.clipper)
 
     # New parameter objects after the optimizer and the hooks were made (opacus#820's trap)
     torch.__future__.set_overwrite_module_params_on_conversion(True)
@@ -255,10 +255,10 @@ def test_parameters_held_by_optimizer_and_hooks_are_the_models_after_a_move():
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(False)
     with pytest.raises(RuntimeError, match=r"the optimizer does not hold the model's trainable parameters \(blocks.0.attn"):
-        check_parameters_held(model, optimizer, privacy.hooks)
+        check_parameters_held(model, optimizer, privacy.clipper)
     remade = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     with pytest.raises(RuntimeError, match="Opacus' ghost clipping hook list does not hold"):
-        check_parameters_held(model, remade, privacy.hooks)
+        check_parameters_held(model, remade, privacy.clipper)
 
 
 def test_a_checkpoint_naming_the_former_model_target_still_rebuilds(make_config, tmp_path):

@@ -27,7 +27,7 @@ from dpdit.inspect import (
     trace,
 )
 from dpdit.models import PretrainedDiT
-from dpdit.privacy.per_sample import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, clipping_path
+from dpdit.privacy.clipping import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, clipping_path
 from dpdit.models.finetune import PRETRAINED_RULES
 from dpdit.cli import ConfigError
 from dpdit.randomness import NOISE_WORKSPACE_BYTES

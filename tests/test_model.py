@@ -1,5 +1,4 @@
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +10,12 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from dpdit.cli import CONFIG_DIR
 from dpdit.export import why_not_exportable
 from dpdit.models import DiT, get_2d_sincos_pos_embed, patchify, unpatchify
 from dpdit.models.dit import OutputConv
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+MODEL_CONFIGS = CONFIG_DIR / "model"
 
 # (depth, hidden_size, num_heads, paper parameter count) from Peebles & Xie (2023), Table 1.
 PAPER_SIZES = {
@@ -117,7 +117,7 @@ def test_paper_parameter_counts(size, patch_size):
     assert abs(n - paper_count) / paper_count < 0.01, f"DiT-{size}/{patch_size}: {n:,} parameters"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("dit_*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(MODEL_CONFIGS.glob("dit_*.yaml")), ids=lambda p: p.stem)
 def test_configs_instantiate(path):
     data = {"image_size": 32, "channels": 4, "num_classes": 10}
     cfg = OmegaConf.create({"data": data, "model": OmegaConf.load(path)})
@@ -130,7 +130,7 @@ def test_configs_instantiate(path):
 
 
 def test_config_files_present():
-    names = {p.stem for p in CONFIG_DIR.glob("dit_*.yaml")}
+    names = {p.stem for p in MODEL_CONFIGS.glob("dit_*.yaml")}
     expected = {"dit_tiny"} | {f"dit_{s}_{p}" for s in ("s", "b", "l", "xl") for p in (2, 4, 8)}
     assert names == expected
 

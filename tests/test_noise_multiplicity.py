@@ -134,8 +134,8 @@ def check_ghost_norms_with_draws(model, rows, draws):
         expected.append(norm([p.grad for p in model.parameters()]))
 
     privacy = dp("ghost", draws, max_grad_norm=1.0)
-    privacy.attach(model, torch.optim.SGD(model.parameters(), lr=1.0))
-    privacy.per_sample_gradients((model(rows) ** 2).flatten(1).sum(1).unflatten(0, (-1, draws)).mean(1), None)
+    privacy.attach(model, torch.optim.SGD(model.parameters(), lr=1.0), losses=None, backward=None)
+    privacy.per_sample_gradients((model(rows) ** 2).flatten(1).sum(1).unflatten(0, (-1, draws)).mean(1))
     torch.testing.assert_close(privacy.take_gradient_norms(), torch.stack(expected), rtol=1e-9, atol=0)
 
 

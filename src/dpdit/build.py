@@ -161,12 +161,14 @@ def make_mechanism(
     max_steps: int,
     resumed: dict[str, Any] | None = None,
     inherited: History = (),
+    init_checkpoint: dict[str, Any] | None = None,
 ) -> Mechanism:
     """The run's privacy mechanism, continuing the `resumed` checkpoint's accountant and secret
-    key, or starting from an `inherited` history (an earlier run on the same data) with the
-    datamodule's randomness. A resumed run keeps its noise multiplier; a new one calibrates
-    sigma so that the history plus `max_steps` steps spend the target. Either way the run
-    stops before a step would exceed the target, and a run the target allows no step is refused."""
+    key, or starting from an `inherited` history (an earlier run on the same data, described
+    by `init_checkpoint`) with the datamodule's randomness. A resumed run keeps its noise
+    multiplier; a new one calibrates sigma so that the history plus `max_steps` steps spend
+    the target. Either way the run stops before a step would exceed the target, and a run
+    the target allows no step is refused."""
     if not config.enabled:
         privacy = NonPrivate(datamodule.batch_size)
         if resumed is not None:
@@ -185,11 +187,9 @@ def make_mechanism(
         sigma = calibrate_noise_multiplier(
             config.target_epsilon, config.delta, datamodule.sample_rate, remaining, config.accountant, history
         )
-    privacy = DPSGD(config, datamodule.sample_rate, datamodule.dataset_size, sigma, datamodule.randomness)
+    privacy = DPSGD(config, datamodule.sample_rate, datamodule.dataset_size, sigma, datamodule.randomness, history, init_checkpoint)
     if resumed is not None:
         privacy.load_state_dict(state)
-    else:
-        privacy.ledger.history = history
     allowed = privacy.ledger.limit_steps(remaining)
     if allowed == 0 and remaining > 0 and resumed is None:
         raise ValueError(
@@ -204,6 +204,17 @@ def make_mechanism(
             sigma, datamodule.sample_rate, config.target_epsilon, allowed, remaining, max_steps - remaining + allowed,
         )
     return privacy
+
+
+def starting_point(cfg: DictConfig, config: PrivacyConfig, prior: dict[str, Any] | None, inherited: History) -> dict[str, Any] | None:
+    """Where a new DP run starts from, for its report: the public prior (its spend does not
+    count), or `init_ckpt_path` with what of its history counts."""
+    if prior is not None:
+        path = prior["pipeline"] if uses_pretrained_model(cfg) else prior["checkpoint"]
+        return {"path": path, "data": "disjoint", "steps_counted": 0, "public_prior": prior}
+    if cfg.init_ckpt_path is not None:
+        return {"path": str(cfg.init_ckpt_path), "data": config.init_data, "steps_counted": steps_of(inherited)}
+    return None
 
 
 def make_module(
@@ -275,16 +286,8 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
     check_batches(datamodule)
     check_data_matches_model(datamodule, model)
     inherited = inherited_history(privacy_config, initial, cfg.init_ckpt_path) if initial and privacy_config.enabled else []
-    privacy = make_mechanism(privacy_config, datamodule, cfg.trainer.max_steps, resumed, inherited)
-    if prior is not None and privacy.enabled:
-        privacy.init_checkpoint = {
-            "path": prior["pipeline"] if uses_pretrained_model(cfg) else prior["checkpoint"],
-            "data": "disjoint",
-            "steps_counted": 0,
-            "public_prior": prior,
-        }
-    elif initial is not None and privacy.enabled:
-        privacy.init_checkpoint = {"path": str(cfg.init_ckpt_path), "data": privacy_config.init_data, "steps_counted": steps_of(inherited)}
+    start = starting_point(cfg, privacy_config, prior, inherited)
+    privacy = make_mechanism(privacy_config, datamodule, cfg.trainer.max_steps, resumed, inherited, start)
     if privacy.enabled:
         check_model_is_private(model, privacy_config.clipping)
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# modes that hold a gradient of every trained weight per image
-PER_SAMPLE_GRADIENT_MODES = ("hooks", "functorch")
+from dpdit.privacy.clipping import clipping_mode
+from dpdit.privacy.clipping.base import trained_bytes
+from dpdit.units import size
+
 # values of optimizer state per trained weight, by the optimizer's class
 OPTIMIZER_STATE = {"torch.optim.Adam": 2, "torch.optim.AdamW": 2, "torch.optim.SGD": 0}
 LABELS = {"adam": "optimizer state", "ema": "EMA copy"}
@@ -30,17 +32,15 @@ def training_state_bytes(model: nn.Module, optimizer_state: int = 2) -> dict[str
     """Bytes of the state training holds in every mode: weights, gradients of the trained
     ones, `optimizer_state` values per trained weight (Adam: 2) and the EMA copy."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    gradients = trained_bytes(model)
     return {"weights": weights, "gradients": gradients, "adam": optimizer_state * gradients, "ema": weights}
 
 
 def per_sample_bytes(model: nn.Module, clipping: str | None, images: int, draws: int) -> dict[str, int]:
-    """What `clipping` adds at least for `images` per physical batch of `draws` rows each:
-    hooks and functorch a gradient of every trained weight per row and the clipped sum."""
-    if clipping not in PER_SAMPLE_GRADIENT_MODES:
-        return {}
-    gradients = training_state_bytes(model)["gradients"]
-    return {"per-sample gradients": images * draws * gradients, "clipped sum": gradients}
+    """What clipping mode `clipping` (None: no DP) holds at least for `images` per physical
+    batch of `draws` rows each, by part: hooks and functorch a gradient of every trained
+    weight per row and the clipped sum."""
+    return {} if clipping is None else clipping_mode(clipping).minimum_bytes(model, images, draws)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -55,14 +55,6 @@ def available_bytes(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
-
-
-def size(n: float) -> str:
-    """Bytes in the largest binary unit they fill."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
 
 
 def check_memory_fits(

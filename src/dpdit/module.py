@@ -123,7 +123,7 @@ class DiffusionModule(L.LightningModule):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(trainable)
         self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
-        return self.privacy.attach(self.model, optimizer, self.trainer.world_size)
+        return self.privacy.attach(self.model, optimizer, self.per_image_losses, self.manual_backward, self.trainer.world_size)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step))
@@ -131,9 +131,7 @@ class DiffusionModule(L.LightningModule):
         factor = self.lr_schedule.factor(self.global_step, self.trainer.max_steps)
         for group, base in zip(self.optimizers().param_groups, self.base_learning_rates):
             group["lr"] = base * factor
-        sums = self.privacy.step(
-            images, labels, self.per_image_losses, self.manual_backward, self.optimizers(), self.physical_batch_size
-        )
+        sums = self.privacy.step(images, labels, self.optimizers(), self.physical_batch_size)
         self.ema.update_parameters(self.model)
         loss = self.log_step(sums)
         if self.privacy.budget_exhausted:

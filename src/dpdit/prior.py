@@ -30,11 +30,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpdit.checkpoints import last_checkpoint
+from dpdit.cli import CONFIG_DIR
 from dpdit.files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # Written last: a public stage without it was interrupted and is resumed, never reused.
 COMPLETE = "prior.json"
 # Settings that do not change the public stage's weights: where it runs and what it writes.
@@ -53,7 +53,7 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """The config `name` (train, evaluate) with `overrides`, inside a running Hydra app or outside one."""
     if GlobalHydra.instance().is_initialized():
         return compose(config_name=name, overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 
 

@@ -41,9 +41,17 @@ from dpdit.build import make_module, make_trainer
 from dpdit.cli import ConfigError, command
 from dpdit.memory import DoesNotFit, check_memory_fits
 from dpdit.module import DiffusionModule
-from dpdit.privacy import CLIPPING_MODES, DPSGD, Mechanism, NonPrivate, PrivacyConfig, check_model_is_private, check_precision
+from dpdit.privacy import (
+    CLIPPING_MODES,
+    DPSGD,
+    VANILLA,
+    Mechanism,
+    NonPrivate,
+    PrivacyConfig,
+    check_model_is_private,
+    check_precision,
+)
 
-VANILLA = "vanilla"
 MODES = (VANILLA, *CLIPPING_MODES)
 GIB = 2**30
 LIBRARIES = ("torch", "opacus", "lightning", "diffusers", "dpdit")

@@ -25,11 +25,17 @@ over the unpatchified output, which smooths the seams between patches. Both stay
 differentiable; a model with them has no DiTPipeline form.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from dpdit.models.pretrained import FrozenVAE
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -248,11 +254,9 @@ class DiT(nn.Module):
     official 0.02 suits long runs, short runs learn conditioning faster with larger values.
     ``timestep_convention`` spaces the timestep frequencies as the official DiT (``dit``) or
     as diffusers' DiTTransformer2DModel (``diffusers``, which an exact DiTPipeline export needs).
-    ``long_skips`` and ``output_conv`` are U-ViT's additions (module docstring).
+    ``long_skips`` and ``output_conv`` are U-ViT's additions (module docstring). ``vae``: the
+    frozen VAE whose latents the model works on (None: pixels).
     """
-
-    # The frozen VAE whose latents the model works on (set by `create_dit`); None: pixels.
-    vae = None
 
     def __init__(
         self,
@@ -269,8 +273,11 @@ class DiT(nn.Module):
         timestep_convention: str = "dit",
         long_skips: bool = False,
         output_conv: bool = False,
+        vae: FrozenVAE | None = None,
     ):
         super().__init__()
+        # the frozen VAE whose latents the model works on (not a submodule); None: pixels
+        self.vae = vae
         if in_channels < 1:
             raise ValueError(f"model in_channels is {in_channels}: set data.channels to at least 1")
         if patch_size < 1 or input_size < 1 or input_size % patch_size != 0:

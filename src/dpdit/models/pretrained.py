@@ -144,9 +144,8 @@ class PretrainedDiT(nn.Module):
             tables are always trained: their new rows must learn.
         learn_sigma: also train the variance half of the output with the variational bound;
             otherwise only the epsilon half is trained and the variance half is kept.
+        vae: the frozen VAE whose latents the model works on (None: the transformer's inputs).
     """
-
-    vae: FrozenVAE | None = None
 
     def __init__(
         self,
@@ -158,8 +157,10 @@ class PretrainedDiT(nn.Module):
         learn_sigma: bool = False,
         lora_rank: int = 4,
         lora_alpha: float | None = None,
+        vae: FrozenVAE | None = None,
     ):
         super().__init__()
+        self.vae = vae
         config = transformer.config
         if config.norm_type != "ada_norm_zero" or config.num_embeds_ada_norm is None:
             raise ValueError("model.name_or_path must be a class-conditional DiT (norm_type ada_norm_zero)")
@@ -289,7 +290,7 @@ def create_dit(
         )
     channels, size = (vae.latent_channels, vae.latent_size(image_size)) if vae else (in_channels, image_size)
     if pretrained:
-        model = PretrainedDiT.from_pretrained(cache_dir=cache_dir, local_files_only=local_files_only, **tuning, **kwargs)
+        model = PretrainedDiT.from_pretrained(cache_dir=cache_dir, local_files_only=local_files_only, vae=vae, **tuning, **kwargs)
         if model.in_channels != channels:
             raise ValueError(
                 f"the pretrained DiT expects {model.in_channels}-channel latents but gets {channels}-channel "
@@ -304,9 +305,8 @@ def create_dit(
                 f"gives {size}x{size}: set data.image_size={expected_image_size}"
             )
     else:
-        model = DiT(input_size=size, in_channels=channels, **kwargs)
+        model = DiT(input_size=size, in_channels=channels, vae=vae, **kwargs)
         # The class table trains with every choice: fine-tuning onto new data must be able
         # to move the class conditioning.
         apply_finetune(model, DIT_RULES, **tuning, train_class_tables=True)
-    model.vae = vae
     return model

@@ -1,13 +1,12 @@
 """Differential privacy for the training step, one concern per module:
 
-- `mechanisms`: the DP step (`DPSGD`) and its non-private twin (`NonPrivate`), under the
-  `Mechanism` protocol the training module uses;
+- `mechanisms`: the DP step (`DPSGD`) and its non-private twin (`NonPrivate`), phases of one
+  `Mechanism` base class the training module uses;
 - `accounting`: the epsilon of a history of noisy steps, noise calibration, the run's ledger
   and budget;
 - `settings`: the `privacy` config group and the checks that refuse a run before it starts;
-- `per_sample`: attaching Opacus, each layer's clipping path, float32 under mixed precision,
-  noise multiplicity;
-- `bookkeeping`: book-keeping clipping, the one-backward-pass mode.
+- `clipping`: the clipping modes (`hooks`, `ghost`, `functorch`, `bookkeeping`), one module
+  each, in one registry.
 """
 
 from dpdit.privacy.accounting import (
@@ -21,10 +20,10 @@ from dpdit.privacy.accounting import (
     steps_of,
     steps_within_budget,
 )
-from dpdit.privacy.mechanisms import DPSGD, Mechanism, NonPrivate
-from dpdit.privacy.per_sample import clipping_path, gram_matrices_outweigh_gradient
+from dpdit.privacy.clipping import CLIPPING, CLIPPING_MODES, clipping_mode, clipping_path
+from dpdit.privacy.clipping.base import gram_matrices_outweigh_gradient
+from dpdit.privacy.mechanisms import DPSGD, VANILLA, Mechanism, NonPrivate
 from dpdit.privacy.settings import (
-    CLIPPING_MODES,
     PrivacyConfig,
     check_model_is_private,
     check_noise_multiplicity,
@@ -35,6 +34,7 @@ from dpdit.privacy.settings import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "CLIPPING",
     "CLIPPING_MODES",
     "DPSGD",
     "ESTIMATES",
@@ -43,12 +43,14 @@ __all__ = [
     "NonPrivate",
     "PrivacyConfig",
     "PrivacyLedger",
+    "VANILLA",
     "calibrate_noise_multiplier",
     "check_model_is_private",
     "check_noise_multiplicity",
     "check_parameters_held",
     "check_precision",
     "check_resumable",
+    "clipping_mode",
     "clipping_path",
     "epsilon_by_accountant",
     "epsilon_of",

@@ -1,12 +1,12 @@
 """The DP step: one logical batch in, one optimizer step out, in the phases DP-SGD names.
 
 A training step sees one logical batch (Poisson-sampled at `sample_rate`) as a sequence of
-physical micro-batches (`MicroBatchedStep.step`):
+physical micro-batches (`Mechanism.step`):
 
 1. per-image losses: each image as K rows (noise multiplicity), its loss their mean;
-2. per-sample gradients: the backward pass, through Opacus' hooks (or, in `bookkeeping`
-   mode, one pass that leaves the micro-batch's clipped sum in `.grad`: `bookkeeping.py`);
-3. clip and accumulate: each micro-batch's per-sample gradients clipped and summed into
+2. per-sample gradients: the backward pass of the clipping mode (`privacy.clipping`, the
+   registry in `clipping/`): per-sample gradients, or the micro-batch's clipped sum in `.grad`;
+3. clip and accumulate: each micro-batch's clipped per-sample gradients summed into
    Opacus' `summed_grad` (a skipped optimizer step), so every micro-batch counts alike;
 4. noise and step: the last micro-batch is clipped, the Gaussian noise added once (drawn
    from the run's secret streams, `dpdit.randomness`), the sum divided by the expected
@@ -23,17 +23,17 @@ noise or accounting.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import asdict
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from opacus.optimizers import get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-from dpdit.privacy.accounting import PrivacyLedger
-from dpdit.privacy.bookkeeping import BookKeeping
-from dpdit.privacy.per_sample import BOOKKEEPING, attach_per_sample_hooks, full_precision, mean_over_draws
+from dpdit.privacy.accounting import History, PrivacyLedger
+from dpdit.privacy.clipping import clipping_mode
+from dpdit.privacy.clipping.base import Backward, full_precision, mean_over_draws
 from dpdit.privacy.settings import PrivacyConfig, check_parameters_held, check_resumable
 from dpdit.randomness import PrivateRandomness
 
@@ -43,39 +43,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("opacus").setLevel(logging.WARNING)
 
 PerImageLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class Mechanism(Protocol):
-    """What the training module asks of a privacy mechanism (`DPSGD` or `NonPrivate`)."""
-
-    enabled: bool
-    noise_multiplicity: int
-
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
-        """Prepare `model` and `optimizer` for the step; returns the optimizer to train with."""
-
-    def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
-        """Raise unless the hooks and `optimizer` still hold the model's trainable parameters."""
-
-    def step(
-        self, images: torch.Tensor, labels: torch.Tensor, losses: PerImageLosses, backward, optimizer, micro_batch_size: int
-    ) -> dict[str, torch.Tensor]:
-        """One logical step; returns its sums over images (`loss`, `images`, ...), to be added over ranks."""
-
-    def dashboard(self, sums: dict[str, torch.Tensor], last: bool) -> dict[str, float]:
-        """The mechanism's logged values after a step, from its sums over every rank."""
-
-    def describe(self) -> str:
-        """The mechanism's settings in a line, read from it (no accountant runs for it)."""
-
-    @property
-    def budget_exhausted(self) -> bool: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def report(self) -> dict[str, Any]: ...
+# the non-private step's name beside the clipping modes in profiles and the inspector's tables
+VANILLA = "vanilla"
 
 
 def with_placeholder_if_empty(images: torch.Tensor, labels: torch.Tensor, null_class: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -95,27 +64,33 @@ def per_image_losses(losses: PerImageLosses, images: torch.Tensor, labels: torch
     return mean_over_draws(losses(images, labels), draws)
 
 
-class MicroBatchedStep:
-    """The logical step both mechanisms take (the module docstring numbers its phases);
-    they differ in `per_sample_gradients`, `clip_and_accumulate`, `account` and `step_sums`."""
+class Mechanism(ABC):
+    """The logical step the training module takes (the module docstring numbers its phases):
+    `DPSGD` and `NonPrivate` differ in the phases, which are the abstract methods."""
 
     enabled: bool
-    noise_multiplicity: int
-    model: torch.nn.Module  # the model `attach` prepared
+    noise_multiplicity: int = 1
 
-    def step(
-        self, images: torch.Tensor, labels: torch.Tensor, losses: PerImageLosses, backward, optimizer, micro_batch_size: int
-    ) -> dict[str, torch.Tensor]:
-        """One logical batch, as micro-batches of `micro_batch_size` images: `losses` gives
-        the per-row losses of a micro-batch, `backward` runs a backward pass (Lightning's
-        `manual_backward`), `optimizer` is the training's (Lightning's wrapper)."""
+    def attach(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, losses: PerImageLosses, backward: Backward, world_size: int = 1
+    ) -> torch.optim.Optimizer:
+        """Bind the step to `model`, its per-row `losses` (images, labels -> [rows]) and its
+        `backward` (Lightning's `manual_backward`); returns the optimizer to train with, which
+        with `world_size` ranks sums their gradients."""
+        self.model, self.losses, self.backward = model, losses, backward
+        return self.prepare_optimizer(optimizer, world_size)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, optimizer, micro_batch_size: int) -> dict[str, torch.Tensor]:
+        """One logical batch, as micro-batches of `micro_batch_size` images, stepping
+        `optimizer` (Lightning's wrapper of the one `attach` returned); returns the step's sums
+        over images (`loss`, `images`, ...), to be added over ranks."""
         batch_size = images.shape[0]
         images, labels, weight = with_placeholder_if_empty(images, labels, self.model.null_class)
         micro_batches = list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
         loss_sum = torch.zeros((), device=images.device)
         for index, (x, y) in enumerate(micro_batches):
-            loss = weight * per_image_losses(losses, x, y, self.noise_multiplicity)  # 1. K draws per image
-            self.per_sample_gradients(loss, backward)  # 2.
+            loss = weight * per_image_losses(self.losses, x, y, self.noise_multiplicity)  # 1. K draws per image
+            self.per_sample_gradients(loss)  # 2.
             loss_sum += loss.detach().sum()
             if index < len(micro_batches) - 1:
                 self.clip_and_accumulate()  # 3. (the last micro-batch's in 4.)
@@ -131,6 +106,57 @@ class MicroBatchedStep:
         # next forward and backward pass, one more copy of the trained weights
         optimizer.zero_grad(set_to_none=True)
 
+    # The phases
+
+    @abstractmethod
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
+        """The optimizer the step uses, made from the training's."""
+
+    @abstractmethod
+    def per_sample_gradients(self, loss_per_sample: torch.Tensor) -> None:
+        """2. The backward pass of one micro-batch's per-image losses."""
+
+    @abstractmethod
+    def clip_and_accumulate(self) -> None:
+        """3. Add a micro-batch (not the last) to the step's sum without stepping."""
+
+    @abstractmethod
+    def account(self) -> None:
+        """5. Record the step."""
+
+    @abstractmethod
+    def step_sums(self, batch_size: int, loss_sum: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The mechanism's own sums over the step's `batch_size` images."""
+
+    # Around the step
+
+    @abstractmethod
+    def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise unless the hooks and `optimizer` still hold the model's trainable parameters."""
+
+    @abstractmethod
+    def dashboard(self, sums: dict[str, torch.Tensor], last: bool) -> dict[str, float]:
+        """The mechanism's logged values after a step, from its sums over every rank."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The mechanism's settings in a line, read from it (no accountant runs for it)."""
+
+    @property
+    @abstractmethod
+    def budget_exhausted(self) -> bool:
+        """Whether another step would spend more than the target."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def report(self) -> dict[str, Any]:
+        """The privacy report's contents."""
+
 
 def _sum_gradients_over_ranks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
@@ -139,7 +165,7 @@ def _sum_gradients_over_ranks(optimizer: torch.optim.Optimizer, args, kwargs) ->
                 torch.distributed.all_reduce(parameter.grad)
 
 
-class NonPrivate(MicroBatchedStep):
+class NonPrivate(Mechanism):
     """`privacy=none`: the same micro-batched step without clipping, noise or accounting."""
 
     enabled = False
@@ -149,8 +175,7 @@ class NonPrivate(MicroBatchedStep):
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
 
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1) -> torch.optim.Optimizer:
-        self.model = model
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
         if world_size > 1:
             optimizer.register_step_pre_hook(_sum_gradients_over_ranks)
         return optimizer
@@ -158,10 +183,10 @@ class NonPrivate(MicroBatchedStep):
     def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
         """No hooks keep parameters of their own."""
 
-    def per_sample_gradients(self, loss_per_sample: torch.Tensor, backward) -> None:
+    def per_sample_gradients(self, loss_per_sample: torch.Tensor) -> None:
         # Sum over the micro-batch (and, at the step, over ranks), mean over the logical
         # batch, whose size is fixed without Poisson sampling: micro-batches add up.
-        backward(loss_per_sample.sum() / self.batch_size)
+        self.backward(loss_per_sample.sum() / self.batch_size)
 
     def clip_and_accumulate(self) -> None:
         """Gradients simply accumulate in `.grad` until the optimizer steps."""
@@ -226,7 +251,7 @@ def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_o
     return SecretNoise
 
 
-class DPSGD(MicroBatchedStep):
+class DPSGD(Mechanism):
     """DP-SGD (Abadi et al., 2016) through Opacus' per-sample gradients.
 
     Args:
@@ -236,6 +261,8 @@ class DPSGD(MicroBatchedStep):
         noise_multiplier: sigma (already calibrated when the config asked for it).
         randomness: where batch membership and noise come from (default: a new secret key
             under `secure_mode`, the seed 0's key otherwise).
+        history: the accountant's history the run starts with (an earlier run on the same data).
+        init_checkpoint: where the run started from and whether its spend counts (the report's).
     """
 
     enabled = True
@@ -247,8 +274,11 @@ class DPSGD(MicroBatchedStep):
         dataset_size: int,
         noise_multiplier: float,
         randomness: PrivateRandomness | None = None,
+        history: History = (),
+        init_checkpoint: dict[str, Any] | None = None,
     ):
         self.config = config
+        self.clipping = clipping_mode(config.clipping)
         self.randomness = randomness or PrivateRandomness.create(secret=config.secure_mode)
         self.sample_rate = sample_rate
         self.dataset_size = dataset_size
@@ -256,23 +286,17 @@ class DPSGD(MicroBatchedStep):
         self.noise_multiplier = noise_multiplier
         self.noise_multiplicity = config.noise_multiplicity
         self.ledger = PrivacyLedger(noise_multiplier, sample_rate, config.delta, config.accountant, config.target_epsilon)
-        self.hooks = None
+        self.ledger.history = [tuple(entry) for entry in history]
+        self.init_checkpoint = init_checkpoint
+        self.clipper = None
         self.optimizer = None
         self._gradient_norms: list[torch.Tensor] = []
-        # where an init_ckpt_path run started from, and whether its spend counts
-        self.init_checkpoint: dict[str, Any] | None = None
 
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1) -> torch.optim.Optimizer:
-        """Attach Opacus' per-sample gradient hooks to `model` and wrap `optimizer`; with
-        `world_size` ranks, the optimizer adds noise on rank 0 and sums over ranks."""
-        self.model = model
-        if self.config.clipping == BOOKKEEPING:
-            self.hooks = BookKeeping(model, self.config.max_grad_norm)
-        else:
-            self.hooks = attach_per_sample_hooks(model, self.config.clipping, self.config.max_grad_norm, self.noise_multiplicity)
-        # ghost and book-keeping leave the clipped sum in `.grad`: Opacus' ghost optimizer sums it
-        optimizer_mode = "ghost" if self.config.clipping == BOOKKEEPING else self.config.clipping
-        optimizer_class = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode=optimizer_mode)
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
+        """Attach the clipping mode to the model and wrap `optimizer` in the Opacus optimizer
+        it steps with; with `world_size` ranks, that adds noise on rank 0 and sums over ranks."""
+        self.clipper = self.clipping.attach(self.model, self.config.max_grad_norm, self.noise_multiplicity, self.backward)
+        optimizer_class = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode=self.clipping.optimizer)
         # the noise of the step about to be accounted: its index in the history
         self.optimizer = with_noise_from(optimizer_class, self.randomness, lambda: self.steps)(
             optimizer,
@@ -285,25 +309,12 @@ class DPSGD(MicroBatchedStep):
         return self.optimizer
 
     def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
-        check_parameters_held(self.model, optimizer, self.hooks)
+        check_parameters_held(self.model, optimizer, self.clipper)
 
-    def per_sample_gradients(self, loss_per_sample: torch.Tensor, backward) -> None:
-        """Per-sample gradients of one micro-batch (their mean over the micro-batch), or in
-        ghost mode their norms and the clipped sum, by a second backward pass, or in
-        book-keeping mode their norms and the clipped sum from one backward pass."""
-        if self.config.clipping == BOOKKEEPING:
-            norms = self.hooks.clip_and_sum(loss_per_sample)
-        elif self.config.clipping == "ghost":
-            DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_sample, "mean").backward()
-            norms = self.hooks.per_sample_gradient_norms
-        else:
-            backward(loss_per_sample.mean())
-            if self.noise_multiplicity > 1:
-                for parameter in self.optimizer.params:
-                    parameter.grad_sample = mean_over_draws(parameter.grad_sample, self.noise_multiplicity)
-            # Opacus computes these norms again when it clips; it does not keep them.
-            norms = torch.stack([g.flatten(1).norm(dim=1) for g in self.optimizer.grad_samples], dim=1).norm(dim=1)
-        self._gradient_norms.append(norms.detach())
+    def per_sample_gradients(self, loss_per_sample: torch.Tensor) -> None:
+        """The clipping mode's backward pass: per-sample gradients for the optimizer to clip,
+        or the clipped sum in `.grad`; either way the per-image norms before clipping."""
+        self._gradient_norms.append(self.clipper.per_image_norms(loss_per_sample, self.optimizer).detach())
 
     def clip_and_accumulate(self) -> None:
         """Clip this micro-batch into the running sum without noise or an optimizer step."""

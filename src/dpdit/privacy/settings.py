@@ -11,13 +11,7 @@ import torch
 from opacus.validators import ModuleValidator
 
 from dpdit.privacy.accounting import ACCOUNTANTS, ESTIMATES
-
-# The ways to the per-sample norms: Opacus' hooks (per-layer per-sample gradients from
-# hooks), ghost (norms without per-sample gradients where a layer allows it, then a second
-# backward pass), functorch (per-sample gradients of every layer by vmap), and bookkeeping
-# (one backward pass: norms and the clipped sum from each layer's kept inputs and output
-# gradients, `privacy.bookkeeping`).
-CLIPPING_MODES = ("hooks", "ghost", "functorch", "bookkeeping")
+from dpdit.privacy.clipping import CLIPPING, clipping_mode
 # What an init_ckpt_path checkpoint was trained on: this run's data (its privacy history
 # counts towards this run's epsilon) or data disjoint from it (its history does not).
 INIT_DATA = ("same", "disjoint")
@@ -55,8 +49,7 @@ class PrivacyConfig:
             )
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"privacy.accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
-        if self.clipping not in CLIPPING_MODES:
-            raise ValueError(f"privacy.clipping={self.clipping!r} is unknown: choose one of {', '.join(CLIPPING_MODES)}")
+        clipping_mode(self.clipping)
         if self.max_grad_norm is None or self.max_grad_norm <= 0:
             raise ValueError(f"privacy.max_grad_norm={self.max_grad_norm} must be a positive clipping bound")
         if not 0.0 < self.delta < 1.0 / dataset_size:
@@ -93,18 +86,12 @@ def check_precision(precision: str, clipping: str) -> None:
             f"trainer.precision={precision} is not supported with privacy=dp: use 32-true, or "
             "bf16-mixed on GPUs (per-sample gradients, clipping and noise then stay in float32)"
         )
-    if precision == "bf16-mixed" and clipping == "ghost":
+    refusal = clipping_mode(clipping).bf16_refusal
+    if precision == "bf16-mixed" and refusal is not None:
+        exact = " or ".join(name for name, mode in CLIPPING.items() if mode.bf16_refusal is None)
         raise ValueError(
-            "trainer.precision=bf16-mixed with privacy.clipping=ghost: ghost clipping's second "
-            "backward pass sums the batch's clipped gradients in bfloat16, whose rounding mixes "
-            "images and breaks the per-image bound. Use privacy.clipping=hooks or bookkeeping (norms, "
-            "clipping and sums in float32) or trainer.precision=32-true"
-        )
-    if precision == "bf16-mixed" and clipping == "functorch":
-        raise ValueError(
-            "trainer.precision=bf16-mixed with privacy.clipping=functorch: functorch recomputes "
-            "each layer per sample outside autocast, from bfloat16 inputs. Use "
-            "privacy.clipping=hooks or bookkeeping (norms, clipping and sums in float32) or trainer.precision=32-true"
+            f"trainer.precision=bf16-mixed with privacy.clipping={clipping}: {refusal}. Use "
+            f"privacy.clipping={exact} (norms, clipping and sums in float32) or trainer.precision=32-true"
         )
 
 
@@ -118,8 +105,8 @@ def check_model_is_private(model: torch.nn.Module, clipping: str) -> None:
         )
 
 
-def check_parameters_held(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hooks=None) -> None:
-    """Fail unless `optimizer` (and the ghost or book-keeping `hooks`, which keep their own list) hold
+def check_parameters_held(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clipper=None) -> None:
+    """Fail unless `optimizer` (and the clipping mode's `clipper`, where it keeps its own list) hold
     exactly the trainable parameter objects of `model`.
 
     Opacus' hooks write per-sample gradients and norms onto the parameters the forward pass
@@ -129,8 +116,8 @@ def check_parameters_held(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     stepping a stale copy, and the model's weights silently never change."""
     trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     holders = {"the optimizer": [p for group in optimizer.param_groups for p in group["params"]]}
-    if getattr(hooks, "trainable_parameters", None) is not None:
-        holders[getattr(hooks, "holder", "Opacus' ghost clipping hook list")] = hooks.trainable_parameters
+    if getattr(clipper, "trainable_parameters", None) is not None:
+        holders[clipper.holder] = clipper.trainable_parameters
     for holder, parameters in holders.items():
         held = {id(p) for p in parameters}
         if held != trainable.keys():

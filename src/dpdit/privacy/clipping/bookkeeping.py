@@ -1,4 +1,4 @@
-"""Book-keeping clipping (Bu, Wang, Zha and Karypis, "Differentially Private Optimization
+"""`privacy.clipping=bookkeeping`: book-keeping clipping (Bu, Wang, Zha and Karypis, "Differentially Private Optimization
 on Large Model at Small Cost", ICML 2023): every image's whole gradient clipped with one
 backward pass.
 
@@ -6,7 +6,7 @@ The forward pass keeps each trainable layer's inputs (activations a) and the pla
 output in the autograd graph. One `torch.autograd.grad` call then gives the gradients of
 the summed per-image losses with respect to those outputs (g), and no parameter gradient at
 all; the outputs themselves are freed as the pass goes. From (a, g) each layer gets
-its per-image gradient norms by the cheaper of two ways (`per_sample.bookkeeping_path`):
+its per-image gradient norms by the cheaper of two ways (`bookkeeping_path`):
 
 - the ghost norm: for a Linear over T tokens, ||sum_t g_t a_t^T||^2 = sum(a a^T * g g^T),
   two T x T Gram matrices per image (cheap when 2 T^2 <= in x out features); an
@@ -26,16 +26,35 @@ mean over its draws.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.grad_sample.linear import compute_linear_grad_sample
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from dpdit.privacy.per_sample import FUNCTORCH, OWN_GRADIENT, bookkeeping_path, full_precision, has_own_rule, widened
+from dpdit.privacy.clipping.base import (
+    FUNCTORCH,
+    GHOST_NORM,
+    HOOK,
+    OWN_GRADIENT,
+    Backward,
+    Clipper,
+    ClippingMode,
+    TracedLayer,
+    by_image,
+    full_precision,
+    gram_matrices_outweigh_gradient,
+    per_image_norm_bytes,
+    trainable_parameters,
+    widened,
+)
+from dpdit.privacy.clipping.registry import register_clipping_mode
+from dpdit.units import size
 
 
 def tokens_of(calls: list[torch.Tensor]) -> torch.Tensor:
@@ -55,16 +74,61 @@ def gradient_of(output: KeptOutput, gradient: torch.Tensor | None) -> torch.Tens
     return torch.zeros(output.shape, dtype=output.dtype, device=output.device) if gradient is None else gradient
 
 
-def trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    return [p for p in layer.parameters(recurse=False) if p.requires_grad]
+def has_own_rule(layer: nn.Module) -> bool:
+    """Whether book-keeping clipping has a rule of its own for `layer` (Linear, Embedding)."""
+    if isinstance(layer, nn.Embedding):
+        return not (layer.scale_grad_by_freq or layer.sparse or layer.max_norm is not None)
+    return type(layer) is nn.Linear
 
 
-def by_image(x: torch.Tensor, images: int) -> torch.Tensor:
-    """[images x draws, ..., d] to [images, draws x ..., d] (token ids: [images, draws x ...])."""
-    return x.reshape(images, -1, x.shape[-1]) if x.is_floating_point() else x.reshape(images, -1)
+def bookkeeping_path(layer: nn.Module, tokens: int = 1) -> str:
+    """Book-keeping's way to `layer`'s per-image norm with `tokens` rows of its input per
+    image: by its own Linear and Embedding rules, the ghost norm or the per-image gradient,
+    whichever holds fewer values (Bu et al., 2023); for other layers, Opacus' grad sampler
+    or functorch."""
+    if has_own_rule(layer):
+        if isinstance(layer, nn.Linear) and gram_matrices_outweigh_gradient(layer, tokens):
+            return OWN_GRADIENT
+        return GHOST_NORM
+    return HOOK if type(layer) in GradSampleHooks.GRAD_SAMPLERS else FUNCTORCH
 
 
-class BookKeeping:
+@register_clipping_mode
+class BookKeepingMode(ClippingMode):
+    name = "bookkeeping"
+    # the one backward pass leaves the clipped sum in `.grad`, as ghost clipping's second does
+    optimizer = "ghost"
+
+    def attach(self, model: nn.Module, max_grad_norm: float, draws: int, backward: Backward) -> Clipper:
+        return BookKeeping(model, max_grad_norm)
+
+    def path(self, layer: nn.Module, tokens: int = 1) -> str:
+        return bookkeeping_path(layer, tokens)
+
+    def kept_bytes_per_image(self, layer: TracedLayer) -> int:
+        """What `layer` keeps per image until its clipped sum: the output gradients of its
+        rows, and the per-image gradient where that is its path (its Gram matrices are
+        transient, like ghost clipping's)."""
+        if layer.call is None:
+            return 0
+        gradient = 0 if self.path(layer.module, layer.tokens) == GHOST_NORM else layer.parameters * layer.value_bytes
+        return layer.call.count * layer.draws * math.prod(layer.call.output_shape[1:]) * layer.value_bytes + gradient
+
+    def memory(self, model: nn.Module, layers: list[TracedLayer], batch_size: int, draws: int) -> dict[str, Any]:
+        """Every layer's output gradients (and per-image gradients where it forms them) from
+        the one backward pass until the clipped sums, which are the gradients themselves."""
+        norms = per_image_norm_bytes(layers, batch_size)
+        kept = batch_size * sum(self.kept_bytes_per_image(layer) for layer in layers)
+        return {"bytes": norms + kept, "kept_output_gradient_bytes": kept}
+
+    def describe_memory(self, memory: dict[str, Any]) -> str:
+        return (
+            f"{self.name}: {size(memory['kept_output_gradient_bytes'])} of output gradients (and per-image gradients "
+            "where formed) kept from its one backward pass until the clipped sums, which are the gradients themselves"
+        )
+
+
+class BookKeeping(Clipper):
     """Book-keeping clipping on `model`'s trainable layers, to `max_grad_norm`. An image is
     as many consecutive rows of the forward pass as it has noise draws: each layer's rows
     are grouped per image by the number of per-image losses."""
@@ -92,7 +156,7 @@ class BookKeeping:
         for handle in self.handles:
             handle.remove()
 
-    def clip_and_sum(self, loss_per_image: torch.Tensor) -> torch.Tensor:
+    def per_image_norms(self, loss_per_image: torch.Tensor, optimizer=None) -> torch.Tensor:
         """Write sum_i c_i grad_i of `loss_per_image` into the trainable parameters' `.grad`
         with one backward pass; returns the per-image gradient norms before clipping."""
         images = loss_per_image.shape[0]
@@ -125,7 +189,7 @@ class BookKeeping:
             if isinstance(layer, nn.Embedding):
                 return EmbeddingPart(layer, a, g)
             if bookkeeping_path(layer, a.shape[1]) == OWN_GRADIENT:
-                return GradientPart(linear_gradients(layer, a, g))
+                return GradientPart(compute_linear_grad_sample(layer, [a], g))
             return LinearGhostPart(layer, a, g)
         sampler = ft_compute_per_sample_gradient if bookkeeping_path(layer, 1) == FUNCTORCH else GradSampleHooks.GRAD_SAMPLERS[type(layer)]
         gradients: dict[nn.Parameter, torch.Tensor] = {}
@@ -134,16 +198,6 @@ class BookKeeping:
                 per_image = per_row.unflatten(0, (images, -1)).sum(1)
                 gradients[parameter] = gradients[parameter] + per_image if parameter in gradients else per_image
         return GradientPart({p: gradients[p] for p in trainable_parameters(layer)})
-
-
-def linear_gradients(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """A Linear's per-image gradients from its inputs [n, T, in] and output gradients [n, T, out]."""
-    gradients = {}
-    if layer.weight.requires_grad:
-        gradients[layer.weight] = torch.einsum("nto,nti->noi", g, a)
-    if layer.bias is not None and layer.bias.requires_grad:
-        gradients[layer.bias] = g.sum(1)
-    return gradients
 
 
 class GradientPart:
@@ -167,7 +221,9 @@ class LinearGhostPart:
             squared = squared + (a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum((1, 2))
         if layer.bias is not None and layer.bias.requires_grad:
             squared = squared + g.sum(1).pow(2).sum(1)
-        self.squared_norms = squared
+        # a sum of signed products: it can round below zero for a near-zero gradient, whose
+        # square root would be NaN; clamped at zero, as Opacus' norm samplers do
+        self.squared_norms = squared.clamp(min=0)
 
     def clipped_sums(self, factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         weighted = self.g * factors[:, None, None]
@@ -191,7 +247,7 @@ class EmbeddingPart:
             self.squared_norms = g.pow(2).sum((1, 2))
         else:
             same = ids.unsqueeze(2) == ids.unsqueeze(1)
-            self.squared_norms = (same * (g @ g.transpose(1, 2))).sum((1, 2))
+            self.squared_norms = (same * (g @ g.transpose(1, 2))).sum((1, 2)).clamp(min=0)  # as a Linear's
 
     def clipped_sums(self, factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         weighted = (self.g * factors[:, None, None]).flatten(0, 1)

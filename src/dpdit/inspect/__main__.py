@@ -1,0 +1,3 @@
+from dpdit.inspect import main
+
+main()
