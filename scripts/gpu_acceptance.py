@@ -39,7 +39,13 @@ from dpdit.train import train
 
 # The smoke run's pipeline: XL/2's kind of model (adaLN-Zero, learned sigma, attention
 # bias, tanh GELU) at 2 blocks of width 32 on 8x8x4 latents, and a VAE for 16 px images.
-TINY_TRANSFORMER = {**DIT_XL_2_256, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "sample_size": 8}
+TINY_TRANSFORMER = {
+    **DIT_XL_2_256,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "sample_size": 8,
+}
 TINY_VAE = {
     **SD_VAE_FT_EMA,
     "down_block_types": ["DownEncoderBlock2D"] * 2,
@@ -56,7 +62,10 @@ SIZES = {
         "pipeline": (DIT_XL_2_256, SD_VAE_FT_EMA),
         "latent_size": 32,
         "image_size": 256,
-        "modes": {"32-true": ["vanilla", "bookkeeping", "ghost", "hooks", "functorch"], "bf16-mixed": ["vanilla", "bookkeeping", "hooks"]},
+        "modes": {
+            "32-true": ["vanilla", "bookkeeping", "ghost", "hooks", "functorch"],
+            "bf16-mixed": ["vanilla", "bookkeeping", "hooks"],
+        },
         "profile_batch": 8,
         "profile": ["profile.warmup=2", "profile.num_iter=5"],
         "max_batch": ["profile.first_batch=64", "profile.batch_multiple=32", "profile.max_batch=2048"],
@@ -103,28 +112,63 @@ def command_line(name: str, overrides: list[str]) -> str:
 
 def profile_records(pipeline: Path, size: dict, output: Path) -> list[dict[str, Any]]:
     """Each mode against vanilla per precision, then book-keeping's largest batch."""
-    model = ["model=pretrained", f"model.name_or_path={pipeline}", "model.vae_name_or_path=null", "prior=none", *size["device"]]
+    model = [
+        "model=pretrained",
+        f"model.name_or_path={pipeline}",
+        "model.vae_name_or_path=null",
+        "prior=none",
+        *size["device"],
+    ]
     data = ["data.image_size=" + str(size["latent_size"]), "data.channels=4"]
     records = []
     for precision, modes in size["modes"].items():
         overrides = [
-            *model, *data, f"trainer.precision={precision}", f"profile.modes=[{','.join(modes)}]",
-            f"profile.batch_sizes=[{size['profile_batch']}]", *size["profile"], f"paths.output_dir={output / ('profile_' + precision)}",
+            *model,
+            *data,
+            f"trainer.precision={precision}",
+            f"profile.modes=[{','.join(modes)}]",
+            f"profile.batch_sizes=[{size['profile_batch']}]",
+            *size["profile"],
+            f"paths.output_dir={output / ('profile_' + precision)}",
         ]
         results = run_profile(configuration("profile", overrides))
         for record in results["records"]:
-            records.append({"part": "profile", "precision": precision, "command": command_line("profile", overrides), **summarise(record)})
-    overrides = [*model, *data, f"trainer.precision={size['precision']}", *size["max_batch"], f"paths.output_dir={output / 'max_batch'}"]
+            records.append(
+                {
+                    "part": "profile",
+                    "precision": precision,
+                    "command": command_line("profile", overrides),
+                    **summarise(record),
+                }
+            )
+    overrides = [
+        *model,
+        *data,
+        f"trainer.precision={size['precision']}",
+        *size["max_batch"],
+        f"paths.output_dir={output / 'max_batch'}",
+    ]
     found = find_max_batch(OmegaConf.to_container(configuration("profile", overrides), resolve=True), "bookkeeping")
-    records.append({
-        "part": "max_batch", "precision": size["precision"], "mode": "bookkeeping", "batch_size": found["batch_size"],
-        "tries": found["tries"], "command": command_line("profile", [*overrides, "profile.find_max_batch=true", "profile.modes=[bookkeeping]"]),
-    })
+    records.append(
+        {
+            "part": "max_batch",
+            "precision": size["precision"],
+            "mode": "bookkeeping",
+            "batch_size": found["batch_size"],
+            "tries": found["tries"],
+            "command": command_line(
+                "profile", [*overrides, "profile.find_max_batch=true", "profile.modes=[bookkeeping]"]
+            ),
+        }
+    )
     return records
 
 
 def summarise(record: dict[str, Any]) -> dict[str, Any]:
-    kept = {key: record.get(key) for key in ("mode", "batch_size", "status", "error", "median_step_s", "images_per_s", "vs_vanilla")}
+    kept = {
+        key: record.get(key)
+        for key in ("mode", "batch_size", "status", "error", "median_step_s", "images_per_s", "vs_vanilla")
+    }
     kept["peak_bytes"] = record.get("memory", {}).get("peak_bytes")
     return kept
 
@@ -133,8 +177,12 @@ def training_record(name: str, overrides: list[str], output: Path, warmup: int) 
     """One `train.py` run in this process, timed by the profiler's step timer."""
     timer = output / "step_times.json"
     overrides = [
-        *overrides, *QUIET, f"paths.output_dir={output}", f"paths.data_dir={output.parent / 'data'}",
-        "+callbacks.step_timer._target_=dpdit.profile.StepTimer", f"+callbacks.step_timer.warmup={warmup}",
+        *overrides,
+        *QUIET,
+        f"paths.output_dir={output}",
+        f"paths.data_dir={output.parent / 'data'}",
+        "+callbacks.step_timer._target_=dpdit.profile.StepTimer",
+        f"+callbacks.step_timer.warmup={warmup}",
         f"+callbacks.step_timer.output_file={timer}",
     ]
     started = time.perf_counter()
@@ -143,12 +191,21 @@ def training_record(name: str, overrides: list[str], output: Path, warmup: int) 
     steps = json.loads(timer.read_text())
     with open(next(output.glob("csv/*/metrics.csv"))) as metrics:
         losses = [float(row["train/loss"]) for row in csv.DictReader(metrics) if row.get("train/loss")]
-    peak = steps["cuda_max_allocated_bytes"] if steps["cuda_max_allocated_bytes"] is not None else steps["rss_peak_bytes"]
+    peak = (
+        steps["cuda_max_allocated_bytes"] if steps["cuda_max_allocated_bytes"] is not None else steps["rss_peak_bytes"]
+    )
     release_memory()
     return {
-        "part": "train", "name": name, "epsilon": report.get("epsilon"), "steps": report.get("steps"),
-        "steps_per_s": 1.0 / steps["median_step_s"], "median_step_s": steps["median_step_s"], "peak_bytes": peak,
-        "last_loss": losses[-1], "loss_finite": all(math.isfinite(loss) for loss in losses), "wall_s": wall,
+        "part": "train",
+        "name": name,
+        "epsilon": report.get("epsilon"),
+        "steps": report.get("steps"),
+        "steps_per_s": 1.0 / steps["median_step_s"],
+        "median_step_s": steps["median_step_s"],
+        "peak_bytes": peak,
+        "last_loss": losses[-1],
+        "loss_finite": all(math.isfinite(loss) for loss in losses),
+        "wall_s": wall,
         "command": command_line("train", overrides),
     }
 
@@ -163,17 +220,40 @@ def training_records(pipeline: Path, size: dict, output: Path) -> list[dict[str,
     records = []
     for finetune in ("lora", "full"):
         overrides = [
-            "model=pretrained", f"model.name_or_path={pipeline}", f"model.vae_name_or_path={pipeline}", "prior=none",
-            "data=fake", f"data.image_size={size['image_size']}", "data.channels=3", *size["finetune_data"],
-            f"model.finetune={finetune}", f"trainer.precision={size['precision']}", f"trainer.max_steps={size['finetune_steps']}",
-            "sample.num_per_class=1", "sample.steps=5", *size["device"],
+            "model=pretrained",
+            f"model.name_or_path={pipeline}",
+            f"model.vae_name_or_path={pipeline}",
+            "prior=none",
+            "data=fake",
+            f"data.image_size={size['image_size']}",
+            "data.channels=3",
+            *size["finetune_data"],
+            f"model.finetune={finetune}",
+            f"trainer.precision={size['precision']}",
+            f"trainer.max_steps={size['finetune_steps']}",
+            "sample.num_per_class=1",
+            "sample.steps=5",
+            *size["device"],
         ]
-        records.append(training_record(f"pretrained XL/2, finetune={finetune}", overrides, output / f"train_{finetune}", size["timed_warmup"]))
+        records.append(
+            training_record(
+                f"pretrained XL/2, finetune={finetune}", overrides, output / f"train_{finetune}", size["timed_warmup"]
+            )
+        )
     overrides = [
-        *size["small_model"], "data=font_digits", "data.image_size=32", "prior=none", *size["small_data"],
-        f"trainer.max_steps={size['small_steps']}", "sample.num_per_class=2", "sample.steps=10", *size["device"],
+        *size["small_model"],
+        "data=font_digits",
+        "data.image_size=32",
+        "prior=none",
+        *size["small_data"],
+        f"trainer.max_steps={size['small_steps']}",
+        "sample.num_per_class=2",
+        "sample.steps=10",
+        *size["device"],
     ]
-    records.append(training_record("dit_s_2, font digits 32 px", overrides, output / "train_dit_s_2", size["timed_warmup"]))
+    records.append(
+        training_record("dit_s_2, font digits 32 px", overrides, output / "train_dit_s_2", size["timed_warmup"])
+    )
     return records
 
 
@@ -183,20 +263,30 @@ def gib(n: int | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# dpdit acceptance ({result['device']}, {result['size']})", ""]
-    lines += ["| precision | mode | batch | step (s) | images/s | peak (GiB) | time vs vanilla | memory vs vanilla |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "| precision | mode | batch | step (s) | images/s | peak (GiB) | time vs vanilla | memory vs vanilla |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["records"]:
         if r["part"] == "profile" and r["status"] == "ok":
             ratio = r["vs_vanilla"] or {}
             times, memory = (f"{ratio[key]:.2f}x" if key in ratio else "-" for key in ("step_time", "peak_memory"))
             lines.append(
-                f"| {r['precision']} | {r['mode']} | {r['batch_size']} | {r['median_step_s']:.3f} | {r['images_per_s']:.1f} | "
+                f"| {r['precision']} | {r['mode']} | {r['batch_size']} | "
+                f"{r['median_step_s']:.3f} | {r['images_per_s']:.1f} | "
                 f"{gib(r['peak_bytes'])} | {times} | {memory} |"
             )
         elif r["part"] == "profile":
-            lines.append(f"| {r['precision']} | {r['mode']} | {r['batch_size']} | {r['status']}: {r['error']} | | | | |")
+            lines.append(
+                f"| {r['precision']} | {r['mode']} | {r['batch_size']} | {r['status']}: {r['error']} | | | | |"
+            )
         elif r["part"] == "max_batch":
             lines.append(f"| {r['precision']} | {r['mode']} | largest that fits: {r['batch_size']} | | | | | |")
-    lines += ["", "| run | epsilon | steps | steps/s | peak (GiB) | last loss | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| run | epsilon | steps | steps/s | peak (GiB) | last loss | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["records"]:
         if r["part"] == "train":
             epsilon = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
@@ -212,11 +302,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder for acceptance.json, acceptance.md and the runs")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks that every part runs")
-    parser.add_argument("--pipeline", help="where the random pipeline is built once (default: <cache>/published/<size>)")
+    parser.add_argument(
+        "--pipeline", help="where the random pipeline is built once (default: <cache>/published/<size>)"
+    )
     args = parser.parse_args()
     size_name = "cpu-smoke" if args.cpu_smoke else "gpu"
     if not args.cpu_smoke and not torch.cuda.is_available():
-        sys.exit("gpu_acceptance: no GPU is visible; run it on a GPU machine, or add --cpu-smoke for the tiny CPU check")
+        sys.exit(
+            "gpu_acceptance: no GPU is visible; run it on a GPU machine, or add --cpu-smoke for the tiny CPU check"
+        )
     size = SIZES[size_name]
     output = Path(args.output).resolve()
     if (output / "acceptance.json").exists():
@@ -225,11 +319,20 @@ def main() -> None:
     cache = Path(os.environ.get("DPDIT_CACHE", Path.home() / ".cache" / "dpdit"))
     started = time.perf_counter()
     transformer, vae = size["pipeline"]
-    pipeline = save_random_pipeline(args.pipeline or cache / "published" / f"dit-xl-2-256-random-{size_name}", transformer=transformer, vae=vae)
+    pipeline = save_random_pipeline(
+        args.pipeline or cache / "published" / f"dit-xl-2-256-random-{size_name}", transformer=transformer, vae=vae
+    )
     built = time.perf_counter() - started
     records = profile_records(pipeline, size, output) + training_records(pipeline, size, output)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu_smoke else "CPU"
-    result = {"size": size_name, "device": device, "pipeline": str(pipeline), "pipeline_s": built, "total_s": time.perf_counter() - started, "records": records}
+    result = {
+        "size": size_name,
+        "device": device,
+        "pipeline": str(pipeline),
+        "pipeline_s": built,
+        "total_s": time.perf_counter() - started,
+        "records": records,
+    }
     (output / "acceptance.json").write_text(json.dumps(result, indent=2))
     (output / "acceptance.md").write_text(markdown(result))
     print(markdown(result))

@@ -18,7 +18,11 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-QUANTITIES = (("step_time", "step time"), ("peak_memory", "peak memory"), ("multiply_adds", "multiply-adds (the bound)"))
+QUANTITIES = (
+    ("step_time", "step time"),
+    ("peak_memory", "peak memory"),
+    ("multiply_adds", "multiply-adds (the bound)"),
+)
 
 
 def points(runs: list[tuple[str, Path]]) -> dict[str, list[tuple[float, float, str, str]]]:
@@ -52,7 +56,9 @@ def main() -> None:
             series = sorted(found.get(f"{mode}/{key}", []))
             if not series:
                 continue
-            axis.plot([p[0] / 1e6 for p in series], [p[1] for p in series], style, color=f"C{i}", label=f"{mode}: {name}")
+            axis.plot(
+                [p[0] / 1e6 for p in series], [p[1] for p in series], style, color=f"C{i}", label=f"{mode}: {name}"
+            )
             if key == "step_time":
                 for x, y, label, _ in series:
                     axis.annotate(label, (x / 1e6, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

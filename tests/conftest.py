@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
+
 from helpers import FAST, compose_config, save_tiny_pipeline
+
 
 @pytest.fixture
 def make_config(tmp_path):
@@ -17,8 +19,10 @@ def make_config(tmp_path):
         fast_overrides = [o for o in FAST if not (names_prior and o.startswith("prior="))]
         return compose_config(
             config_name,
-            *(fast_overrides if fast else scratch), f"paths.output_dir={tmp_path / name}",
-            f"paths.cache_dir={tmp_path / 'cache'}", *overrides,
+            *(fast_overrides if fast else scratch),
+            f"paths.output_dir={tmp_path / name}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            *overrides,
         )
 
     return make

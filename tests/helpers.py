@@ -74,7 +74,17 @@ class Scale(torch.nn.Module):
 def tiny_model(seed=0, **options):
     """A tiny float64 DiT off its zero start; `options`: more DiT settings (long_skips, output_conv)."""
     torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=False, **options)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        learn_sigma=False,
+        **options,
+    )
     # Leave adaLN-Zero's zero start so that every parameter has a non-zero gradient.
     with torch.no_grad():
         for p in model.parameters():
@@ -89,7 +99,16 @@ def batch(size=BATCH, seed=1):
     return images, labels
 
 
-def run_step(privacy, physical_batch_size, loss=FixedLoss(), data=None, model=None, steps=1, precision="64-true", **trainer_options):
+def run_step(
+    privacy,
+    physical_batch_size,
+    loss=FixedLoss(),
+    data=None,
+    model=None,
+    steps=1,
+    precision="64-true",
+    **trainer_options,
+):
     """`steps` training steps through Lightning; returns (module, minus the update)."""
     model = model or tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -141,7 +160,9 @@ def clipped_reference(model, images, labels, bound, loss=FixedLoss()):
     for i in range(images.shape[0]):
         model.zero_grad()
         loss.training_losses(model, images[i : i + 1], labels[i : i + 1]).sum().backward()
-        per_image.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+        per_image.append(
+            [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        )
     norms = torch.stack([norm(g) for g in per_image])
     factors = (bound / (norms + 1e-6)).clamp(max=1.0)
     update = [sum(f * g[k] for f, g in zip(factors, per_image)) / images.shape[0] for k in range(len(per_image[0]))]

@@ -7,7 +7,14 @@ import pytest
 from scipy.special import gammaln, logsumexp
 
 from dpdit.privacy import PrivacyConfig
-from dpdit.privacy.accounting import ACCOUNTANTS, ESTIMATES, RDP_ORDERS, _rdp_of_one_step, calibrate_noise_multiplier, epsilon_of
+from dpdit.privacy.accounting import (
+    ACCOUNTANTS,
+    ESTIMATES,
+    RDP_ORDERS,
+    _rdp_of_one_step,
+    calibrate_noise_multiplier,
+    epsilon_of,
+)
 
 
 def subsampled_gaussian_rdp(q: float, sigma: float, alpha: int) -> float:
@@ -79,7 +86,9 @@ def dp_accounting_epsilon(q: float, sigma: float, steps: int, delta: float, acco
     import dp_accounting
     from dp_accounting import pld, rdp
 
-    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
     counter = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
     return counter.compose(event).get_epsilon(delta)
 
@@ -90,7 +99,9 @@ def test_epsilon_matches_google_dp_accounting(sigma, q, steps):
     theirs = dp_accounting_epsilon(q, sigma, steps, 1e-5, "rdp")
     assert theirs * 0.97 <= epsilon_of([(sigma, q, steps)], 1e-5, "rdp") <= theirs * (1 + 1e-6)
     # PRV against privacy loss distributions: two numerical routes to the same optimal epsilon
-    assert epsilon_of([(sigma, q, steps)], 1e-5, "prv") == pytest.approx(dp_accounting_epsilon(q, sigma, steps, 1e-5, "pld"), rel=0.02)
+    assert epsilon_of([(sigma, q, steps)], 1e-5, "prv") == pytest.approx(
+        dp_accounting_epsilon(q, sigma, steps, 1e-5, "pld"), rel=0.02
+    )
 
 
 GRID = [(target, q, steps) for target in (1.0, 3.0, 10.0) for q in (0.01, 0.2, 0.57) for steps in (10, 500)]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from helpers import CONFIGS, FAST, compose_config
 from dpdit.audit import audit_scores, epsilon_lower_bound, p_value, run_audit
 from dpdit.cli import ConfigError
+from helpers import CONFIGS, FAST, compose_config
 
 
 def test_p_value_without_delta_is_the_randomized_response_tail():
@@ -60,15 +60,23 @@ def test_scores_that_separate_perfectly_reach_the_canary_limit():
 
 # A small audit: 400 canaries beside 64 random images, every image in every step.
 AUDIT = [
-    "data=fake", "data.size=64", "audit.canaries=400", "data.batch_size=264", "data.physical_batch_size=264",
-    "trainer.max_steps=30", "audit.guesses=[50,100,200]", "audit.draws=4",
+    "data=fake",
+    "data.size=64",
+    "audit.canaries=400",
+    "data.batch_size=264",
+    "data.physical_batch_size=264",
+    "trainer.max_steps=30",
+    "audit.guesses=[50,100,200]",
+    "audit.draws=4",
 ]
 
 
 def audit(tmp_path, *overrides):
     cfg = compose_config("audit", *FAST, *AUDIT, f"paths.output_dir={tmp_path}", *overrides)
     report = run_audit(cfg)
-    assert json.loads((tmp_path / "audit_report.json").read_text())["epsilon_lower_bound"] == report["epsilon_lower_bound"]
+    assert (
+        json.loads((tmp_path / "audit_report.json").read_text())["epsilon_lower_bound"] == report["epsilon_lower_bound"]
+    )
     return report
 
 
@@ -92,7 +100,12 @@ def test_audit_of_sound_dp_sgd_stays_below_the_claim(tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("audit.guesses=[5000]", "audit.guesses"), ("audit.scores=[gradient]", "audit.scores"), ("audit.weights=best", "audit.weights"), ("ckpt_path=/x.ckpt", "ckpt_path")],
+    [
+        ("audit.guesses=[5000]", "audit.guesses"),
+        ("audit.scores=[gradient]", "audit.scores"),
+        ("audit.weights=best", "audit.weights"),
+        ("ckpt_path=/x.ckpt", "ckpt_path"),
+    ],
 )
 def test_bad_audit_settings_are_refused_before_training(tmp_path, override, message):
     cfg = compose_config("audit", *FAST, f"paths.output_dir={tmp_path}", override)
@@ -106,7 +119,10 @@ def test_audit_command_line_writes_its_report(tmp_path):
     overrides = [*FAST, "audit.canaries=20", "audit.guesses=[10,20]", "audit.draws=2", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run(
         [sys.executable, "-m", "dpdit.audit", *overrides],
-        cwd=Path(CONFIGS).parent, capture_output=True, text=True, timeout=600,
+        cwd=Path(CONFIGS).parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "audit: epsilon >= " in result.stdout

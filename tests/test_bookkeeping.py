@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import Scale, norm
 from dpdit.privacy.clipping import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT
 from dpdit.privacy.clipping.bookkeeping import BookKeeping, bookkeeping_path
-
+from helpers import Scale, norm
 
 
 class EveryRule(nn.Module):

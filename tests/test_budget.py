@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
+from dpdit.cli import ConfigError
 from dpdit.privacy import PrivacyConfig, epsilon_by_accountant, epsilon_of, steps_within_budget
+from dpdit.train import train
 
 # the accountant a run uses unless told otherwise
 ACCOUNTANT = PrivacyConfig.accountant
-from dpdit.cli import ConfigError
-from dpdit.train import train
 
 Q = 64 / 1497
 # sigma 0.6 at q = 64/1497 spends 3.6 in one step, 4.2 in 3, 4.5 in 5 (PLD, delta 1e-5)
@@ -69,8 +69,12 @@ def test_larger_batch_on_resume_stops_earlier(make_config, tmp_path):
     train(make_config(SIGMA, f"privacy.target_epsilon={target}", "trainer.max_steps=2", name="first"))
     resumed = train(
         make_config(
-            SIGMA, f"privacy.target_epsilon={target}", "trainer.max_steps=8", "data.batch_size=128",
-            f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}", name="second",
+            SIGMA,
+            f"privacy.target_epsilon={target}",
+            "trainer.max_steps=8",
+            "data.batch_size=128",
+            f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
+            name="second",
         )
     )
     assert resumed["history"] == [[0.6, Q, 2], [0.6, 128 / 1497, 1]]
@@ -97,8 +101,11 @@ def test_spent_budget_takes_no_step_and_loses_nothing(make_config, tmp_path):
     before = checkpoint(tmp_path / "first")
     resumed = train(
         make_config(
-            SIGMA, f"privacy.target_epsilon={target}", "trainer.max_steps=9",
-            f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}", name="second",
+            SIGMA,
+            f"privacy.target_epsilon={target}",
+            "trainer.max_steps=9",
+            f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
+            name="second",
         )
     )
     after = checkpoint(tmp_path / "second")
@@ -113,7 +120,11 @@ def test_fine_tuning_on_the_same_data_counts_the_earlier_spend(make_config, tmp_
     init = f"init_ckpt_path={tmp_path / 'earlier/checkpoints/last.ckpt'}"
     fresh = train(make_config("privacy.target_epsilon=8", "trainer.max_steps=3", name="fresh"))
     same = train(make_config("privacy.target_epsilon=8", "trainer.max_steps=3", init, name="same"))
-    disjoint = train(make_config("privacy.target_epsilon=8", "trainer.max_steps=3", init, "privacy.init_data=disjoint", name="disjoint"))
+    disjoint = train(
+        make_config(
+            "privacy.target_epsilon=8", "trainer.max_steps=3", init, "privacy.init_data=disjoint", name="disjoint"
+        )
+    )
 
     assert same["history"][0] == [earlier["noise_multiplier"], Q, 3] and same["steps"] == 6
     assert same["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in same["history"]], 1e-5, ACCOUNTANT))
@@ -174,7 +185,9 @@ def test_dashboard_logs_the_mechanism_and_clipping_diagnostics(make_config, tmp_
     report = read(tmp_path / "tight" / "privacy_report.json")
     assert len(rows["tight"]) == 3
     for step, row in enumerate(rows["tight"], start=1):
-        assert float(row["privacy/epsilon"]) == pytest.approx(epsilon_of([(report["noise_multiplier"], Q, step)], 1e-5, ACCOUNTANT))
+        assert float(row["privacy/epsilon"]) == pytest.approx(
+            epsilon_of([(report["noise_multiplier"], Q, step)], 1e-5, ACCOUNTANT)
+        )
         assert float(row["privacy/noise_multiplier"]) == pytest.approx(report["noise_multiplier"])
         assert float(row["privacy/sample_rate"]) == pytest.approx(Q)
         assert float(row["privacy/max_grad_norm"]) == pytest.approx(1e-6)
@@ -198,7 +211,10 @@ def test_wandb_run_carries_the_report_and_resolved_config(make_config, tmp_path,
     train(make_config("logger=default", "sample.num_per_class=1"))
     files = list((tmp_path / "run" / "wandb").glob("offline-run-*/files"))[0]
     assert read(files / "privacy_report.json") == read(tmp_path / "run" / "privacy_report.json")
-    assert "${" not in (files / "config_resolved.yaml").read_text() and "target_epsilon: 10.0" in (files / "config_resolved.yaml").read_text()
+    assert (
+        "${" not in (files / "config_resolved.yaml").read_text()
+        and "target_epsilon: 10.0" in (files / "config_resolved.yaml").read_text()
+    )
 
 
 @pytest.mark.slow
@@ -207,8 +223,10 @@ def test_public_font_prior_then_dp_fine_tuning_counts_only_the_private_steps(mak
     assert prior["enabled"] is False
     report = train(
         make_config(
-            "privacy.init_data=disjoint", f"init_ckpt_path={tmp_path / 'prior/checkpoints/last.ckpt'}",
-            "trainer.max_steps=2", name="private",
+            "privacy.init_data=disjoint",
+            f"init_ckpt_path={tmp_path / 'prior/checkpoints/last.ckpt'}",
+            "trainer.max_steps=2",
+            name="private",
         )
     )
     assert report["init_checkpoint"]["data"] == "disjoint" and report["init_checkpoint"]["steps_counted"] == 0

@@ -7,14 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import batch, clipped_reference, dp, norm, run_step, save_tiny_pipeline, tiny_model
-
 from dpdit.inspect import clipping_layers, opacus_layers, trace
 from dpdit.models import Denoiser, DiT, PretrainedDiT
 from dpdit.privacy import CLIPPING, CLIPPING_MODES, PrivacyConfig, check_precision
 from dpdit.privacy.clipping import Clipper, ClippingMode, register_clipping_mode
 from dpdit.privacy.clipping.base import trained_bytes
 from dpdit.privacy.clipping.bookkeeping import EmbeddingPart, LinearGhostPart
+from helpers import batch, clipped_reference, dp, norm, run_step, save_tiny_pipeline, tiny_model
 
 
 class OneImageAtATime(Clipper):
@@ -83,7 +82,9 @@ def test_a_registered_mode_is_a_clipping_mode_everywhere(toy_mode):
 
 
 def test_an_unregistered_mode_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="privacy.clipping='per_layer' is unknown: choose one of hooks, ghost, functorch, bookkeeping"):
+    with pytest.raises(
+        ValueError, match="privacy.clipping='per_layer' is unknown: choose one of hooks, ghost, functorch, bookkeeping"
+    ):
         PrivacyConfig(clipping="per_layer").validate(dataset_size=100)
 
 
@@ -155,4 +156,6 @@ def test_every_model_satisfies_the_model_contract(tmp_path):
         y = torch.tensor([0, model.null_class])
         assert model(x, torch.tensor([1, 500]), y).shape == (2, model.out_channels, model.input_size, model.input_size)
     assert not isinstance(nn.Linear(2, 2), Denoiser)
-    assert isinstance(DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=8, depth=1, num_heads=1, num_classes=2), Denoiser)
+    assert isinstance(
+        DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=8, depth=1, num_heads=1, num_classes=2), Denoiser
+    )

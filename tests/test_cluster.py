@@ -12,13 +12,13 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from helpers import compose_config
+from dpdit.build import make_trainer, setup
+from dpdit.cli import ConfigError, Interrupted
 from dpdit.cluster import Requeued
 from dpdit.distributed import DPDDPStrategy
 from dpdit.module import DiffusionModule
-from dpdit.cli import ConfigError, Interrupted
-from dpdit.build import make_trainer, setup
 from dpdit.train import train
+from helpers import compose_config
 
 
 def compose_train(*overrides, hydra=False):
@@ -43,9 +43,15 @@ def fake_slurm(tmp_path, monkeypatch):
 
 def test_slurm_launcher_renders_one_task_per_gpu(tmp_path, fake_slurm, monkeypatch):
     cfg = compose_train(
-        "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4",
-        "hydra.launcher.partition=gpu", "hydra.launcher.account=proj", "hydra.launcher.timeout_min=90",
-        f"hydra.sweep.dir={tmp_path}", hydra=True,
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "trainer.devices=4",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=proj",
+        "hydra.launcher.timeout_min=90",
+        f"hydra.sweep.dir={tmp_path}",
+        hydra=True,
     )
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params.pop("_target_").endswith("SlurmLauncher")
@@ -61,8 +67,16 @@ def test_slurm_launcher_renders_one_task_per_gpu(tmp_path, fake_slurm, monkeypat
     with pytest.raises(Submitted):
         launcher.launch([["trainer=ddp"]], initial_job_idx=0)
     script = scripts[0]
-    for line in ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=90", "--partition=gpu",
-                 "--account=proj", "--signal=USR2@300", "--cpus-per-task=8"]:
+    for line in [
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--time=90",
+        "--partition=gpu",
+        "--account=proj",
+        "--signal=USR2@300",
+        "--cpus-per-task=8",
+    ]:
         assert f"#SBATCH {line}\n" in script, line
     assert "\nsrun " in script
 
@@ -71,10 +85,20 @@ def test_lightning_reads_the_ranks_from_slurm(monkeypatch, tmp_path):
     # Lightning's SLURM environment exports MASTER_ADDR/PORT: keep them out of later tests.
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    for key, value in dict(SLURM_NTASKS=8, SLURM_NTASKS_PER_NODE=4, SLURM_PROCID=5, SLURM_LOCALID=1, SLURM_NODEID=1,
-                           SLURM_JOB_NAME="train", SLURM_NODELIST="gpu[01-02]", SLURM_JOB_ID=123).items():
+    for key, value in dict(
+        SLURM_NTASKS=8,
+        SLURM_NTASKS_PER_NODE=4,
+        SLURM_PROCID=5,
+        SLURM_LOCALID=1,
+        SLURM_NODEID=1,
+        SLURM_JOB_NAME="train",
+        SLURM_NODELIST="gpu[01-02]",
+        SLURM_JOB_ID=123,
+    ).items():
         monkeypatch.setenv(key, str(value))
-    cfg = compose_train("trainer.num_nodes=2", "trainer.devices=4", "trainer.accelerator=cpu", f"paths.output_dir={tmp_path}")
+    cfg = compose_train(
+        "trainer.num_nodes=2", "trainer.devices=4", "trainer.accelerator=cpu", f"paths.output_dir={tmp_path}"
+    )
     trainer = make_trainer(cfg.trainer, [], [])
     # strategy=auto with several processes becomes the DP strategy
     assert isinstance(trainer.strategy, DPDDPStrategy)
@@ -107,7 +131,9 @@ def weights(run_dir):
 
 
 @pytest.mark.slow
-def test_time_limit_signal_saves_requeues_and_resumes_like_an_uninterrupted_run(make_config, fake_slurm, monkeypatch, tmp_path, fixed_secret):
+def test_time_limit_signal_saves_requeues_and_resumes_like_an_uninterrupted_run(
+    make_config, fake_slurm, monkeypatch, tmp_path, fixed_secret
+):
     overrides = ("trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=1000")
     uninterrupted = make_config(*overrides, name="uninterrupted")
     train(uninterrupted)

@@ -39,7 +39,10 @@ def test_ranks_split_exactly_the_single_process_batches(poisson):
     """Two ranks' batches are disjoint and together the one-process batch, step by step,
     with as many batches on each rank, empty ones included."""
     single = list(LogicalBatchSampler(50, 2, PrivateRandomness.seeded(1), poisson=poisson))
-    ranks = [list(LogicalBatchSampler(50, 2, PrivateRandomness.seeded(1), poisson=poisson, rank=r, world_size=2)) for r in range(2)]
+    ranks = [
+        list(LogicalBatchSampler(50, 2, PrivateRandomness.seeded(1), poisson=poisson, rank=r, world_size=2))
+        for r in range(2)
+    ]
     assert len(single) == len(ranks[0]) == len(ranks[1]) == 25
     for whole, first, second in zip(single, *ranks):
         assert not set(first) & set(second) and sorted(first + second) == sorted(whole)
@@ -59,7 +62,9 @@ def test_poisson_inclusion_is_independent_at_the_sample_rate():
 
 def test_a_resumed_sampler_draws_what_the_uninterrupted_one_would():
     randomness = PrivateRandomness.secret()
-    uninterrupted = list(LogicalBatchSampler(100, 10, randomness)) + list(LogicalBatchSampler(100, 10, randomness, first_step=10))
+    uninterrupted = list(LogicalBatchSampler(100, 10, randomness)) + list(
+        LogicalBatchSampler(100, 10, randomness, first_step=10)
+    )
     resumed = list(LogicalBatchSampler(100, 10, randomness, first_step=4))
     assert resumed == uninterrupted[4:14]
 

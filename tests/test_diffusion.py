@@ -7,7 +7,16 @@ from dpdit.models import DiT
 
 def tiny(learn_sigma=False, seed=0):
     torch.manual_seed(seed)
-    return DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=learn_sigma)
+    return DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        learn_sigma=learn_sigma,
+    )
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
@@ -32,7 +41,7 @@ def test_variance_bound_trains_only_the_variance_half():
     bound = diffusion._variational_bound(x0, x_t, t, eps.detach(), variance)
     assert bound.shape == (4,) and torch.isfinite(bound).all()
     assert (bound > -1e-6).all() and bound[0] > 0  # a KL (t > 0) or a negative log-likelihood (t = 0)
-    eps_grad, = torch.autograd.grad(bound.sum(), output, retain_graph=True)
+    (eps_grad,) = torch.autograd.grad(bound.sum(), output, retain_graph=True)
     assert eps_grad[:, :1].abs().sum() == 0 and eps_grad[:, 1:].abs().sum() > 0
 
 

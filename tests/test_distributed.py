@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import BATCH, FAST, batch, dp, norm, per_sample_gradients, run_step, ZeroLoss
 
 from dpdit.data import ImageDataModule
 from dpdit.distributed import DPDDPStrategy
 from dpdit.privacy import DPSGD, NonPrivate, PrivacyConfig
+from helpers import BATCH, FAST, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"even": ([0, 2, 4], [1, 3, 5]), "uneven": ([0, 1, 2, 3, 4], [5]), "one rank empty": ([0, 1, 2, 3, 4, 5], [])}
@@ -42,7 +42,9 @@ def ddp_step(privacy, data, **options):
 
 def worker(rank: int, port: int, bound: float, out: str) -> None:
     # Processes started outside Lightning, like torchrun's or srun's.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
+    )
     results = {}
     for clipping in ("hooks", "ghost", "bookkeeping"):
         for name, split in SPLITS.items():
@@ -124,10 +126,25 @@ def test_replicas_stay_identical_after_noisy_steps(two_ranks):
 def run_train(tmp_path, name, *overrides):
     run_dir = tmp_path / name
     # a fresh single-node launch: no rendezvous address or cluster left in the environment
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MASTER_", "SLURM_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    }
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *FAST, "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}", *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *FAST,
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={run_dir}",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -142,11 +159,21 @@ def test_ddp_command_reports_what_one_process_reports(tmp_path):
     single = json.loads((run_train(tmp_path, "single", seeded) / "privacy_report.json").read_text())
     ddp_dir = run_train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", seeded)
     report = json.loads((ddp_dir / "privacy_report.json").read_text())
-    for key in ("epsilon", "noise_multiplier", "sample_rate", "steps", "dataset_size", "expected_batch_size", "history"):
+    for key in (
+        "epsilon",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "dataset_size",
+        "expected_batch_size",
+        "history",
+    ):
         assert report[key] == single[key], key
     assert report["steps"] == 2  # trainer.max_steps in FAST
     # the same global Poisson batches: the logged (summed over ranks) batch sizes agree
-    sizes = [(run / "csv" / "version_0" / "metrics.csv").read_text().splitlines() for run in (tmp_path / "single", ddp_dir)]
+    sizes = [
+        (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines() for run in (tmp_path / "single", ddp_dir)
+    ]
     column = sizes[0][0].split(",").index("train/batch_size")
     assert [row.split(",")[column] for row in sizes[0][1:]] == [row.split(",")[column] for row in sizes[1][1:]]
 

@@ -30,7 +30,15 @@ NULL = len(CLASSES)
 def tiny_dit(channels=1, size=8, learn_sigma=False, **kwargs):
     """A 2-block DiT with every weight moved off its initial value: adaLN-Zero starts many
     at zero, which would hide a wrongly mapped weight."""
-    settings = {"patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2, "num_classes": NULL, "timestep_convention": "diffusers", **kwargs}
+    settings = {
+        "patch_size": 2,
+        "hidden_size": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "num_classes": NULL,
+        "timestep_convention": "diffusers",
+        **kwargs,
+    }
     torch.manual_seed(0)
     model = DiT(input_size=size, in_channels=channels, learn_sigma=learn_sigma, **settings)
     return perturbed(model)
@@ -78,19 +86,40 @@ def test_latent_dit_pipeline_samples_what_dpdit_samples(tiny_pipeline, tmp_path)
     # the tiny pipeline's VAE: 16x16 RGB images <-> 8x8x4 latents
     torch.manual_seed(0)
     model = create_dit(
-        in_channels=3, image_size=16, vae_name_or_path=str(tiny_pipeline), patch_size=2, hidden_size=32, depth=2,
-        num_heads=2, num_classes=NULL, learn_sigma=True, timestep_convention="diffusers",
+        in_channels=3,
+        image_size=16,
+        vae_name_or_path=str(tiny_pipeline),
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=NULL,
+        learn_sigma=True,
+        timestep_convention="diffusers",
     )
     perturbed(model)
     diffusion = GaussianDiffusion()
     pipeline = DiTPipeline.from_pretrained(export_pipeline(model, diffusion, tmp_path / "pipeline", CLASSES))
-    assert sorted(path.name for path in (tmp_path / "pipeline").iterdir()) == ["model_index.json", "scheduler", "transformer", "vae"]
+    assert sorted(path.name for path in (tmp_path / "pipeline").iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "transformer",
+        "vae",
+    ]
     assert pipeline.get_label_ids(["two", "zero"]) == [2, 0]
     assert pipeline.scheduler.config.clip_sample is False
 
     settings = {"guidance_scale": 3.0, "num_inference_steps": 4}
     images = pipeline([2, 0], generator=torch.Generator().manual_seed(0), output_type="pt", **settings).images
-    latents = diffusion.sample(model, torch.tensor([2, 0]), settings["guidance_scale"], settings["num_inference_steps"], "ddim", torch.Generator().manual_seed(0), progress=False)
+    latents = diffusion.sample(
+        model,
+        torch.tensor([2, 0]),
+        settings["guidance_scale"],
+        settings["num_inference_steps"],
+        "ddim",
+        torch.Generator().manual_seed(0),
+        progress=False,
+    )
     torch.testing.assert_close(images, (model.vae.decode(latents) + 1) / 2, rtol=0, atol=1e-5)
 
 
@@ -108,12 +137,16 @@ def test_pixel_dit_exports_without_a_vae(tmp_path):
 
     # sampling with the pipeline's transformer and scheduler (the export module's recipe)
     labels, guidance, steps = torch.tensor([2, 0, 1]), 2.0, 4
-    expected = diffusion.sample(model, labels, guidance, steps, "ddim", torch.Generator().manual_seed(0), progress=False)
+    expected = diffusion.sample(
+        model, labels, guidance, steps, "ddim", torch.Generator().manual_seed(0), progress=False
+    )
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     pipeline.scheduler.set_timesteps(steps)
     with torch.no_grad():
         for t in pipeline.scheduler.timesteps:
-            eps = pipeline.transformer(torch.cat([x, x]), t.expand(6), torch.cat([labels, torch.full_like(labels, 1000)])).sample
+            eps = pipeline.transformer(
+                torch.cat([x, x]), t.expand(6), torch.cat([labels, torch.full_like(labels, 1000)])
+            ).sample
             cond, uncond = eps.chunk(2)
             x = pipeline.scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
@@ -125,8 +158,14 @@ def test_pixel_pipeline_loads_as_a_pretrained_model(tmp_path):
     transformer = load_component(DiTTransformer2DModel, str(directory), "transformer", "model.name_or_path")
     # model=pretrained model.name_or_path=<dir> model.vae_name_or_path=null, classes kept
     pretrained = create_dit(
-        pretrained=True, name_or_path=str(directory), vae_name_or_path=None, in_channels=1, image_size=8,
-        num_classes=NULL, labels="imagenet", class_ids=[0, 1, 2],
+        pretrained=True,
+        name_or_path=str(directory),
+        vae_name_or_path=None,
+        in_channels=1,
+        image_size=8,
+        num_classes=NULL,
+        labels="imagenet",
+        class_ids=[0, 1, 2],
     ).eval()
     x, t, labels, ids = inputs(model, torch.float32)
     with torch.no_grad():
@@ -190,13 +229,17 @@ def test_export_callback_skips_an_unexportable_model_with_one_info_line(tmp_path
 
 def test_timestep_convention_must_be_known():
     with pytest.raises(ValueError, match="model.timestep_convention='ddpm' is unknown: choose dit .* or diffusers"):
-        DiT(input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3, timestep_convention="ddpm")
+        DiT(
+            input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3, timestep_convention="ddpm"
+        )
 
 
 @pytest.mark.parametrize("convention", [None, "dit", "diffusers"])
 def test_timestep_conventions_match_their_references(convention):
     settings = {} if convention is None else {"timestep_convention": convention}
-    embedder = DiT(input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3, **settings).t_embedder
+    embedder = DiT(
+        input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3, **settings
+    ).t_embedder
     t = torch.tensor([0, 1, 37, 999])
     ours = embedder.timestep_embedding(t, 256, frequency_shift=embedder.frequency_shift)
     if convention == "diffusers":

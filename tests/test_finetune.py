@@ -11,13 +11,13 @@ import torch
 from diffusers import DiTTransformer2DModel
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from helpers import batch, dp, EpsilonLoss, FixedLoss, latent_batch, norm, run_step
 
+from dpdit.checkpoints import initialise_from, weights_under
 from dpdit.models import DiT, PretrainedDiT, create_dit
 from dpdit.privacy import check_parameters_held
 from dpdit.sample import load_checkpoint_model
-from dpdit.checkpoints import initialise_from, weights_under
 from dpdit.train import train
+from helpers import EpsilonLoss, FixedLoss, batch, dp, latent_batch, norm, run_step
 
 BLOCKS = range(2)
 WEIGHT_AND_BIAS = ("weight", "bias")
@@ -27,14 +27,24 @@ LORA = tuple(f"lora_{matrix}.default.weight" for matrix in "AB")
 def dit(finetune="full", seed=0, **kwargs):
     torch.manual_seed(seed)
     return create_dit(
-        in_channels=1, image_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3,
-        learn_sigma=False, finetune=finetune, **kwargs,
+        in_channels=1,
+        image_size=8,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        learn_sigma=False,
+        finetune=finetune,
+        **kwargs,
     )
 
 
 def pretrained(hub, finetune="full", labels="fresh", **kwargs):
     class_ids = [3, 7, 1] if labels == "imagenet" else None
-    return PretrainedDiT.from_pretrained(str(hub), num_classes=3, labels=labels, class_ids=class_ids, finetune=finetune, **kwargs)
+    return PretrainedDiT.from_pretrained(
+        str(hub), num_classes=3, labels=labels, class_ids=class_ids, finetune=finetune, **kwargs
+    )
 
 
 def trainable(model):
@@ -97,8 +107,16 @@ def test_choices_train_their_layers_in_the_pretrained_dit(tiny_pipeline, labels)
 @pytest.mark.parametrize(
     "build, choice, message",
     [
-        ("dit", "frozen_embedders", "model.finetune='frozen_embedders' is unknown: choose one of full, attention, adaln, lora$"),
-        ("pretrained", "bitfit", "model.finetune='bitfit' is unknown: choose one of full, attention, adaln, lora, frozen_embedders$"),
+        (
+            "dit",
+            "frozen_embedders",
+            "model.finetune='frozen_embedders' is unknown: choose one of full, attention, adaln, lora$",
+        ),
+        (
+            "pretrained",
+            "bitfit",
+            "model.finetune='bitfit' is unknown: choose one of full, attention, adaln, lora, frozen_embedders$",
+        ),
     ],
 )
 def test_unknown_choice_names_the_setting_and_the_choices(tiny_pipeline, build, choice, message):
@@ -168,7 +186,12 @@ def pretrained_run(hub, tmp_path, *extra):
 def one_dp_step(make_config, tiny_pipeline, tmp_path, build, choice):
     """One DP step through `train()`; returns the config. The noise (sigma 1, no target)
     moves LoRA's A too, whose gradient is zero while B is."""
-    step = ["trainer.max_steps=1", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null", f"model.finetune={choice}"]
+    step = [
+        "trainer.max_steps=1",
+        "privacy.noise_multiplier=1.0",
+        "privacy.target_epsilon=null",
+        f"model.finetune={choice}",
+    ]
     if build == "dit":
         cfg = make_config(*step, "data.batch_size=16", "data.physical_batch_size=8", "sample.num_per_class=1")
     else:
@@ -224,7 +247,11 @@ def test_plain_weights_load_into_a_lora_model_which_computes_the_same(tiny_pipel
     if build == "dit":
         plain, lora, (x, y) = perturbed(dit(seed=1)), dit("lora", seed=2).double(), batch()
     else:
-        plain, lora, (x, y) = perturbed(pretrained(tiny_pipeline)), pretrained(tiny_pipeline, "lora").double(), latent_batch()
+        plain, lora, (x, y) = (
+            perturbed(pretrained(tiny_pipeline)),
+            pretrained(tiny_pipeline, "lora").double(),
+            latent_batch(),
+        )
     t = torch.arange(x.shape[0]) * 100
     initialise_from(lora, as_checkpoint(plain), "plain.ckpt")
     with torch.no_grad():
@@ -254,7 +281,9 @@ def test_parameters_held_by_optimizer_and_hooks_are_the_models_after_a_move():
         model.to(torch.float32)
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(False)
-    with pytest.raises(RuntimeError, match=r"the optimizer does not hold the model's trainable parameters \(blocks.0.attn"):
+    with pytest.raises(
+        RuntimeError, match=r"the optimizer does not hold the model's trainable parameters \(blocks.0.attn"
+    ):
         check_parameters_held(model, optimizer, privacy.clipper)
     remade = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     with pytest.raises(RuntimeError, match="Opacus' ghost clipping hook list does not hold"):
@@ -264,12 +293,25 @@ def test_parameters_held_by_optimizer_and_hooks_are_the_models_after_a_move():
 def test_a_checkpoint_naming_the_former_model_target_still_rebuilds(make_config, tmp_path):
     """Runs written before `model` went through `create_dit` stored `dpdit.models.DiT`."""
     config = OmegaConf.to_container(make_config(), resolve=True)
-    sizes = ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_classes", "learn_sigma")
+    sizes = (
+        "patch_size",
+        "in_channels",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "num_classes",
+        "learn_sigma",
+    )
     config["model"] = {
-        "_target_": "dpdit.models.DiT", "input_size": config["model"]["image_size"], **{key: config["model"][key] for key in sizes}
+        "_target_": "dpdit.models.DiT",
+        "input_size": config["model"]["image_size"],
+        **{key: config["model"][key] for key in sizes},
     }
     written = instantiate(config["model"])
     path = tmp_path / "former.ckpt"
     torch.save({**as_checkpoint(written), "config": config}, path)
     model, _, _ = load_checkpoint_model(str(path))
-    assert type(model) is DiT and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), written.state_dict().values()))
+    assert type(model) is DiT and all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), written.state_dict().values())
+    )

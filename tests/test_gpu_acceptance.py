@@ -16,13 +16,24 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_acceptance.py"
 def test_cpu_smoke_runs_every_part_and_writes_its_tables(tmp_path):
     output = tmp_path / "acceptance"
     env = {"DPDIT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    finished = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--output", str(output)], capture_output=True, text=True, env=env)
+    finished = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-smoke", "--output", str(output)], capture_output=True, text=True, env=env
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     result = json.loads((output / "acceptance.json").read_text())
     profiles = [r for r in result["records"] if r["part"] == "profile"]
-    assert {(r["precision"], r["mode"]) for r in profiles} == {("32-true", "vanilla"), ("32-true", "bookkeeping"), ("bf16-mixed", "bookkeeping")}
+    assert {(r["precision"], r["mode"]) for r in profiles} == {
+        ("32-true", "vanilla"),
+        ("32-true", "bookkeeping"),
+        ("bf16-mixed", "bookkeeping"),
+    }
     assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in profiles)
-    assert next(r for r in profiles if r["mode"] == "bookkeeping" and r["precision"] == "32-true")["vs_vanilla"]["step_time"] > 0
+    assert (
+        next(r for r in profiles if r["mode"] == "bookkeeping" and r["precision"] == "32-true")["vs_vanilla"][
+            "step_time"
+        ]
+        > 0
+    )
     (largest,) = [r for r in result["records"] if r["part"] == "max_batch"]
     assert largest["batch_size"] == 2 and largest["tries"][0]["batch_size"] == 2
     runs = {r["name"]: r for r in result["records"] if r["part"] == "train"}
@@ -34,5 +45,7 @@ def test_cpu_smoke_runs_every_part_and_writes_its_tables(tmp_path):
     table = (output / "acceptance.md").read_text()
     assert "largest that fits: 2" in table and "finetune=full" in table and "python train.py" in table
     # a second run into the same folder would overwrite the first: refused
-    again = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--output", str(output)], capture_output=True, text=True, env=env)
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-smoke", "--output", str(output)], capture_output=True, text=True, env=env
+    )
     assert again.returncode != 0 and "already holds an acceptance run" in again.stderr

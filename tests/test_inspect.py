@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
-from helpers import FAST, Scale, compose_config
 from hydra.utils import instantiate
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
+from dpdit.cli import ConfigError
 from dpdit.inspect import (
     build_model,
     clipping_layers,
@@ -27,10 +27,10 @@ from dpdit.inspect import (
     trace,
 )
 from dpdit.models import PretrainedDiT
-from dpdit.privacy.clipping import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, clipping_path
 from dpdit.models.finetune import PRETRAINED_RULES
-from dpdit.cli import ConfigError
+from dpdit.privacy.clipping import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, clipping_path
 from dpdit.randomness import NOISE_WORKSPACE_BYTES
+from helpers import FAST, Scale, compose_config
 
 
 @pytest.fixture
@@ -56,7 +56,13 @@ def test_counts_add_up(make_inspect_config):
     assert report["parameters"] == {"total": total, "trainable": total}
     assert sum(row["parameters"] for row in report["by_type"]) == total
     assert {row["type"] for row in report["by_type"]} == {"Linear", "Embedding"}
-    assert [row["component"] for row in report["by_component"]] == ["x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer"]
+    assert [row["component"] for row in report["by_component"]] == [
+        "x_embedder",
+        "t_embedder",
+        "y_embedder",
+        "blocks",
+        "final_layer",
+    ]
     assert sum(row["parameters"] for row in report["by_component"]) == total
 
     block = report["block"]
@@ -102,7 +108,6 @@ def test_every_dit_layer_takes_the_expected_path_in_every_mode(make_inspect_conf
         small = row["name"] in ("x_embedder.proj", "final_layer.linear")
         assert row["paths"]["bookkeeping"] == (OWN_GRADIENT if small else GHOST_NORM), row["name"]
         assert row["problems"] == [], row["name"]
-
 
 
 def ghost_backward(model, x):

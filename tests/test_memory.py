@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers import tiny_model
 from omegaconf import OmegaConf
 
 import dpdit.memory
@@ -10,6 +9,7 @@ from dpdit.cli import ConfigError
 from dpdit.memory import DoesNotFit, check_memory_fits, per_sample_bytes, training_state_bytes
 from dpdit.profile import measure
 from dpdit.train import train
+from helpers import tiny_model
 
 
 def test_the_bound_counts_state_and_per_sample_gradients_of_trained_weights():
@@ -17,7 +17,10 @@ def test_the_bound_counts_state_and_per_sample_gradients_of_trained_weights():
     model[0].requires_grad_(True)  # 110 trained weights of 165, float32
     state = training_state_bytes(model, optimizer_state=2)
     assert state == {"weights": 165 * 4, "gradients": 110 * 4, "adam": 220 * 4, "ema": 165 * 4}
-    assert per_sample_bytes(model, "hooks", images=3, draws=2) == {"per-sample gradients": 6 * 110 * 4, "clipped sum": 110 * 4}
+    assert per_sample_bytes(model, "hooks", images=3, draws=2) == {
+        "per-sample gradients": 6 * 110 * 4,
+        "clipped sum": 110 * 4,
+    }
     assert per_sample_bytes(model, "bookkeeping", images=3, draws=2) == {}
 
 
@@ -29,7 +32,10 @@ def test_check_refuses_what_cannot_fit_and_names_the_fix(monkeypatch):
     needed = (1 + 2 + 4 + 1) * trained
     monkeypatch.setattr(dpdit.memory, "available_bytes", lambda device: needed)
     check_memory_fits(model, "hooks", 4, 1, torch.device("cpu"), "torch.optim.Adam")
-    with pytest.raises(DoesNotFit, match=r"privacy.clipping=hooks at data.physical_batch_size=5 needs at least .* privacy.clipping=bookkeeping"):
+    with pytest.raises(
+        DoesNotFit,
+        match=r"privacy.clipping=hooks at data.physical_batch_size=5 needs at least .* privacy.clipping=bookkeeping",
+    ):
         check_memory_fits(model, "hooks", 5, 1, torch.device("cpu"), "torch.optim.Adam")
     # book-keeping holds no per-sample gradients; SGD no optimizer state
     check_memory_fits(model, "bookkeeping", 1000, 1, torch.device("cpu"), "torch.optim.Adam")

@@ -27,9 +27,7 @@ PAPER_SIZES = {
 
 
 def tiny_dit(**overrides) -> DiT:
-    kwargs = dict(
-        input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=3
-    )
+    kwargs = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=3)
     kwargs.update(overrides)
     return DiT(**kwargs)
 
@@ -43,9 +41,7 @@ def model_inputs(model: DiT, batch_size: int, dtype=torch.float32):
     return x, t, y
 
 
-@pytest.mark.parametrize(
-    "c,h,w,p", [(1, 8, 8, 1), (3, 8, 12, 2), (4, 16, 16, 4), (1, 12, 8, 4), (3, 16, 16, 1)]
-)
+@pytest.mark.parametrize("c,h,w,p", [(1, 8, 8, 1), (3, 8, 12, 2), (4, 16, 16, 4), (1, 12, 8, 4), (3, 16, 16, 1)])
 def test_patchify_unpatchify_roundtrip(c, h, w, p):
     x = torch.randn(2, c, h, w)
     tokens = patchify(x, p)
@@ -111,8 +107,16 @@ def test_pos_embed_is_fixed_non_persistent_buffer():
 def test_paper_parameter_counts(size, patch_size):
     depth, hidden, heads, paper_count = PAPER_SIZES[size]
     with torch.device("meta"):
-        model = DiT(input_size=32, patch_size=patch_size, in_channels=4, hidden_size=hidden, depth=depth,
-                    num_heads=heads, num_classes=1000, learn_sigma=True)
+        model = DiT(
+            input_size=32,
+            patch_size=patch_size,
+            in_channels=4,
+            hidden_size=hidden,
+            depth=depth,
+            num_heads=heads,
+            num_classes=1000,
+            learn_sigma=True,
+        )
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - paper_count) / paper_count < 0.01, f"DiT-{size}/{patch_size}: {n:,} parameters"
 
@@ -151,9 +155,7 @@ def test_opacus_compatible_layers():
 @pytest.mark.parametrize("channels", [1, 3, 4])
 @pytest.mark.parametrize("size,patch", [(8, 2), (8, 4), (12, 2), (12, 4), (16, 2), (16, 4)])
 def test_output_shapes(size, patch, channels, learn_sigma):
-    model = tiny_dit(
-        input_size=size, patch_size=patch, in_channels=channels, learn_sigma=learn_sigma, depth=1
-    )
+    model = tiny_dit(input_size=size, patch_size=patch, in_channels=channels, learn_sigma=learn_sigma, depth=1)
     out = model(*model_inputs(model, 2))
     expected_channels = 2 * channels if learn_sigma else channels
     assert model.out_channels == expected_channels
@@ -269,16 +271,23 @@ def test_u_vit_additions_join_mirror_blocks_and_smooth_the_output():
     the identity and, once trained, mixes neighbouring pixels across patch seams."""
     torch.manual_seed(0)
     plain = tiny_dit(depth=4, hidden_size=32, input_size=8, in_channels=1, num_classes=3)
-    model = tiny_dit(depth=4, hidden_size=32, input_size=8, in_channels=1, num_classes=3, long_skips=True, output_conv=True)
+    model = tiny_dit(
+        depth=4, hidden_size=32, input_size=8, in_channels=1, num_classes=3, long_skips=True, output_conv=True
+    )
     assert len(model.skip_joins) == 2 and model.output_conv is not None
     x, t, y = model_inputs(model, 2)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.2)
     joined = []
-    hooks = [join.register_forward_hook(lambda module, inputs, output: joined.append(inputs[1])) for join in model.skip_joins]
+    hooks = [
+        join.register_forward_hook(lambda module, inputs, output: joined.append(inputs[1])) for join in model.skip_joins
+    ]
     block_outputs = []
-    hooks += [block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output)) for block in model.blocks]
+    hooks += [
+        block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output))
+        for block in model.blocks
+    ]
     out = model(x, t, y)
     for hook in hooks:
         hook.remove()
@@ -292,5 +301,7 @@ def test_u_vit_additions_join_mirror_blocks_and_smooth_the_output():
     assert (spread[0, :, 2:5, 2:5] != 0).all() and spread[0, :, 5:].abs().sum() == 0
     assert torch.equal(OutputConv(model.out_channels)(impulse), impulse)  # the identity at initialisation
     assert torch.isfinite(out).all()
-    assert "model.long_skips=true" in why_not_exportable(model) and "model.output_conv=true" in why_not_exportable(model)
+    assert "model.long_skips=true" in why_not_exportable(model) and "model.output_conv=true" in why_not_exportable(
+        model
+    )
     assert "long_skips" not in why_not_exportable(plain) and "output_conv" not in why_not_exportable(plain)

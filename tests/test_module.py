@@ -61,7 +61,11 @@ def test_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
 def test_a_run_steps_with_the_scheduled_learning_rates(make_config, tmp_path):
     from dpdit.train import train
 
-    train(make_config("trainer.max_steps=4", "lr_schedule.warmup_steps=2", "lr_schedule.decay=cosine", "optimizer.lr=0.01"))
+    train(
+        make_config(
+            "trainer.max_steps=4", "lr_schedule.warmup_steps=2", "lr_schedule.decay=cosine", "optimizer.lr=0.01"
+        )
+    )
     [metrics] = list((tmp_path / "run" / "csv").rglob("metrics.csv"))
     with metrics.open() as file:
         rates = [float(row["train/lr"]) for row in csv.DictReader(file) if row["train/lr"]]

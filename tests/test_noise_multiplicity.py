@@ -34,7 +34,9 @@ class RecordedDraws:
 
 
 def dp(clipping, draws, max_grad_norm, noise_multiplier=0.0):
-    config = PrivacyConfig(clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, noise_multiplicity=draws)
+    config = PrivacyConfig(
+        clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, noise_multiplicity=draws
+    )
     return DPSGD(config, sample_rate=1.0, dataset_size=BATCH, noise_multiplier=noise_multiplier)
 
 
@@ -68,7 +70,9 @@ def check_update(model, data, clipping, draws, physical_batch_size):
     expected = [sum(f * g[k] for f, g in zip(factors, per_image)) / BATCH for k in range(len(per_image[0]))]
 
     loss = RecordedDraws()
-    module, update = run_step(dp(clipping, draws, bound), physical_batch_size, loss=loss, data=data, model=copy.deepcopy(model))
+    module, update = run_step(
+        dp(clipping, draws, bound), physical_batch_size, loss=loss, data=data, model=copy.deepcopy(model)
+    )
     assert all(torch.equal(a[3], b[3]) for a, b in zip(loss.rows, probe.rows)), "the two runs drew different noise"
     for got, want in zip(update, expected):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
@@ -96,7 +100,9 @@ def test_image_gradient_is_the_mean_of_its_draws_clipped_once(clipping, draws, p
 @pytest.mark.parametrize("clipping", CLIPPING_MODES)
 def test_pretrained_image_gradient_is_the_mean_of_its_draws(tiny_pipeline, clipping):
     torch.manual_seed(0)
-    check_update(pretrained(tiny_pipeline, finetune="full").double(), latent_batch(), clipping, draws=2, physical_batch_size=4)
+    check_update(
+        pretrained(tiny_pipeline, finetune="full").double(), latent_batch(), clipping, draws=2, physical_batch_size=4
+    )
 
 
 @pytest.mark.parametrize("draws", [1, 4])
@@ -110,18 +116,19 @@ def test_accounting_does_not_depend_on_the_number_of_draws(draws):
 def test_calibrated_noise_does_not_depend_on_the_number_of_draws(make_config):
     from dpdit.build import setup
 
-    sigmas = [setup(make_config(f"privacy.noise_multiplicity={k}", name=f"k{k}"))[1].privacy.noise_multiplier for k in (1, 8)]
+    sigmas = [
+        setup(make_config(f"privacy.noise_multiplicity={k}", name=f"k{k}"))[1].privacy.noise_multiplier for k in (1, 8)
+    ]
     assert sigmas[0] == sigmas[1]
 
 
 @pytest.mark.parametrize("draws", [0, -2, 1.5])
 def test_invalid_noise_multiplicity_is_refused_before_training(make_config, draws):
-    from dpdit.cli import ConfigError
     from dpdit.build import setup
+    from dpdit.cli import ConfigError
 
     with pytest.raises(ConfigError, match=f"privacy.noise_multiplicity={draws} must be a whole number >= 1"):
         setup(make_config(f"privacy.noise_multiplicity={draws}"))
-
 
 
 def check_ghost_norms_with_draws(model, rows, draws):

@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BATCH, dp, EpsilonLoss, latent_batch, norm, pretrained, run_step, save_tiny_pipeline
 from diffusers import DiTPipeline
 from omegaconf import OmegaConf
 
+from dpdit.build import setup
+from dpdit.cli import ConfigError
 from dpdit.data import build_dataset
 from dpdit.export import ema_state, export_run
 from dpdit.export import main as export_main
 from dpdit.models import FrozenVAE, PretrainedDiT
 from dpdit.models.pretrained import load_vae
 from dpdit.sample import run_sampling
-from dpdit.cli import ConfigError
-from dpdit.build import setup
 from dpdit.train import train
+from helpers import BATCH, EpsilonLoss, dp, latent_batch, norm, pretrained, run_step, save_tiny_pipeline
 
 
 def test_forward_is_diffusers_forward(tiny_pipeline):
@@ -117,7 +117,9 @@ def test_per_sample_gradients_match_micro_batching(tiny_pipeline, clipping, fine
     factors = (bound / (norms + 1e-6)).clamp(max=1.0)
     expected = [sum(f * g[k] for f, g in zip(factors, per_sample)) / BATCH for k in range(len(names))]
 
-    _, update = run_step(dp(clipping, max_grad_norm=bound), 4, loss=EpsilonLoss(), data=(x, y), model=copy.deepcopy(base))
+    _, update = run_step(
+        dp(clipping, max_grad_norm=bound), 4, loss=EpsilonLoss(), data=(x, y), model=copy.deepcopy(base)
+    )
     for name, got, want in zip(names, update, expected):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10, msg=name)
     frozen = [u for (name, p), u in zip(base.named_parameters(), update) if not p.requires_grad]
@@ -160,7 +162,9 @@ def test_train_fine_tunes_and_exports_a_dit_pipeline(make_config, tiny_pipeline,
     pipeline = DiTPipeline.from_pretrained(run / "pipeline")
     assert pipeline.get_label_ids(["0", "2"]) == [0, 2]
     generator = torch.Generator().manual_seed(0)
-    images = pipeline(class_labels=[0, 2], guidance_scale=4.0, num_inference_steps=2, generator=generator, output_type="np").images
+    images = pipeline(
+        class_labels=[0, 2], guidance_scale=4.0, num_inference_steps=2, generator=generator, output_type="np"
+    ).images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
     # the pipeline holds the EMA weights of the checkpoint
     ema = ema_state(run / "checkpoints" / "last.ckpt")
@@ -169,7 +173,13 @@ def test_train_fine_tunes_and_exports_a_dit_pipeline(make_config, tiny_pipeline,
 
     # the sampling command rebuilds the fine-tuned model from the checkpoint alone
     sampled = run_sampling(
-        make_config(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "sample.num_images=3", "sample.steps=2", name="sampled", config_name="sample")
+        make_config(
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            "sample.num_images=3",
+            "sample.steps=2",
+            name="sampled",
+            config_name="sample",
+        )
     )
     assert sampled["images"].shape == (3, 3, 16, 16) and sampled["labels"].tolist() == [0, 1, 2]
 
@@ -188,9 +198,15 @@ def test_latent_cache_is_written_once_and_reused(make_config, tiny_pipeline, tmp
     monkeypatch.undo()
 
     other_vae = save_tiny_pipeline(tmp_path / "other", seed=1)
-    setup(make_config(*run_overrides(tiny_pipeline, cache, f"model.vae_name_or_path={other_vae}"), name="third", fast=False))
+    setup(
+        make_config(
+            *run_overrides(tiny_pipeline, cache, f"model.vae_name_or_path={other_vae}"), name="third", fast=False
+        )
+    )
     assert len(list(cache.glob("*.pt"))) == 2
-    _, _, datamodule = setup(make_config(*run_overrides(tiny_pipeline, cache, "data.hflip=true"), name="fourth", fast=False))
+    _, _, datamodule = setup(
+        make_config(*run_overrides(tiny_pipeline, cache, "data.hflip=true"), name="fourth", fast=False)
+    )
     assert len(list(cache.glob("*.pt"))) == 3
     # both flips are encoded: view 1 is the latent of the mirrored image
     dataset = datamodule.train_dataset
@@ -227,11 +243,17 @@ def test_export_from_a_checkpoint(make_config, tiny_pipeline, tmp_path):
         (["model.finetune=bitfit"], "model.finetune='bitfit' is unknown"),
         (["data.channels=1"], "data.channels=1"),
         (["model.name_or_path=/no/such/dir"], "is not a directory"),
-        (["model.name_or_path=facebook/DiT-XL-2-256", "model.local_files_only=true"], "hf download facebook/DiT-XL-2-256"),
+        (
+            ["model.name_or_path=facebook/DiT-XL-2-256", "model.local_files_only=true"],
+            "hf download facebook/DiT-XL-2-256",
+        ),
     ],
 )
 def test_clear_errors_before_training(make_config, tiny_pipeline, tmp_path, overrides, message):
-    cfg = make_config(*run_overrides(tiny_pipeline, tmp_path / "latents", f"model.cache_dir={tmp_path / 'hub'}", *overrides), fast=False)
+    cfg = make_config(
+        *run_overrides(tiny_pipeline, tmp_path / "latents", f"model.cache_dir={tmp_path / 'hub'}", *overrides),
+        fast=False,
+    )
     with pytest.raises(ConfigError, match=message):
         setup(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -245,7 +267,9 @@ def test_image_folder_latents_follow_the_files(make_config, tiny_pipeline, tmp_p
         (root / name).mkdir(parents=True, exist_ok=True)
         pixels = np.random.default_rng(index).integers(0, 256, (20, 20, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / name / f"{index}.png")
-    overrides = [o for o in run_overrides(tiny_pipeline, "unused") if not o.startswith(("data.latent_cache_dir", "data.size"))]
+    overrides = [
+        o for o in run_overrides(tiny_pipeline, "unused") if not o.startswith(("data.latent_cache_dir", "data.size"))
+    ]
     overrides = [*overrides, "data=imagefolder", f"data.root={root}", "data.hflip=false"]
     _, _, datamodule = setup(make_config(*overrides, name="a", fast=False))
     assert datamodule.class_names == ["benign", "malignant", "normal"]

@@ -5,14 +5,20 @@ import json
 import pytest
 import torch
 
-from dpdit.cli import ConfigError
 from dpdit.checkpoints import weights_under
+from dpdit.cli import ConfigError
 from dpdit.train import train
 
 # The public stage at test size: 64 font digits, 2 steps.
 PUBLIC_OVERRIDES = [
-    "data.size=64", "data.batch_size=32", "data.physical_batch_size=32", "trainer.max_steps=2", "logger=csv",
-    "sample.num_per_class=1", "sample.steps=2", "trainer.enable_progress_bar=false",
+    "data.size=64",
+    "data.batch_size=32",
+    "data.physical_batch_size=32",
+    "trainer.max_steps=2",
+    "logger=csv",
+    "sample.num_per_class=1",
+    "sample.steps=2",
+    "trainer.enable_progress_bar=false",
 ]
 PUBLIC = ("prior=font_digits", "prior.overrides=[" + ",".join(f'"{o}"' for o in PUBLIC_OVERRIDES) + "]")
 PRIVATE = ("trainer.max_steps=2",)
@@ -106,11 +112,22 @@ def test_a_prior_that_cannot_serve_the_run_is_refused_before_any_training(make_c
 @pytest.mark.slow
 def test_the_diffusers_path_fine_tunes_the_public_stage_exported_as_a_dit_pipeline(make_config, tmp_path):
     small = (
-        "data.batch_size=64", "data.physical_batch_size=32", "logger=csv", "sample.num_per_class=1", "sample.steps=2",
+        "data.batch_size=64",
+        "data.physical_batch_size=32",
+        "logger=csv",
+        "sample.num_per_class=1",
+        "sample.steps=2",
         "trainer.enable_progress_bar=false",
     )
     report = train(
-        make_config("experiment=digits_pretrained_from_font_prior", PUBLIC[1], "model.finetune=lora", *PRIVATE, *small, fast=False)
+        make_config(
+            "experiment=digits_pretrained_from_font_prior",
+            PUBLIC[1],
+            "model.finetune=lora",
+            *PRIVATE,
+            *small,
+            fast=False,
+        )
     )
     [folder] = prior_folders(tmp_path)
     assert report["init_checkpoint"]["path"] == str(folder / "pipeline")
@@ -125,7 +142,11 @@ def test_a_prior_whose_samples_are_noise_is_flagged_before_fine_tuning(make_conf
     """A public stage whose weights never left their initialisation (learning rate 0: as if
     trained for 0 steps) samples noise: prior.json says so and the private run warns before
     it spends any budget."""
-    untrained = PUBLIC[1].replace("trainer.max_steps=2", 'trainer.max_steps=2","optimizer.lr=0.0').replace("sample.num_per_class=1", "sample.num_per_class=20")
+    untrained = (
+        PUBLIC[1]
+        .replace("trainer.max_steps=2", 'trainer.max_steps=2","optimizer.lr=0.0')
+        .replace("sample.num_per_class=1", "sample.num_per_class=20")
+    )
     with caplog.at_level("WARNING", logger="dpdit.prior"):
         train(make_config(PUBLIC[0], untrained, *PRIVATE))
     [folder] = prior_folders(tmp_path)

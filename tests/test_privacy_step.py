@@ -8,10 +8,8 @@ through a real Lightning Trainer with SGD(lr=1), so the update equals minus the 
 import pytest
 import torch
 
-from helpers import BATCH, batch, dp, norm, per_sample_gradients, run_step, tiny_model, ZeroLoss
-
 from dpdit.privacy import CLIPPING_MODES, DPSGD, NonPrivate, PrivacyConfig
-
+from helpers import BATCH, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step, tiny_model
 
 U_VIT = {"long_skips": True, "output_conv": True}
 
@@ -29,7 +27,9 @@ def test_clipped_update_matches_micro_batched_reference(clipping, physical_batch
     # each clipped per-sample gradient respects the bound
     assert all(norm([f * x for x in g]) <= bound * (1 + 1e-9) for f, g in zip(factors, per_sample))
 
-    _, update = run_step(dp(clipping, max_grad_norm=bound), physical_batch_size, data=(images, labels), model=tiny_model(**options))
+    _, update = run_step(
+        dp(clipping, max_grad_norm=bound), physical_batch_size, data=(images, labels), model=tiny_model(**options)
+    )
     for got, want in zip(update, expected):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
 
@@ -121,8 +121,8 @@ def test_bf16_mixed_clips_in_float32(seed, clipping):
     ],
 )
 def test_precisions_that_break_the_dp_step_are_refused(make_config, precision, clipping, message):
-    from dpdit.cli import ConfigError
     from dpdit.build import setup
+    from dpdit.cli import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         setup(make_config(f"trainer.precision={precision}", f"privacy.clipping={clipping}"))

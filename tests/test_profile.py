@@ -7,12 +7,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import compose_config
-from dpdit.profile import build, find_max_batch, largest_fitting, run_profile, run_steps
 from dpdit.cli import ConfigError
 from dpdit.privacy import CLIPPING_MODES
+from dpdit.profile import build, find_max_batch, largest_fitting, run_profile, run_steps
+from helpers import compose_config
 
-TINY = ["model.finetune=full", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "profile.warmup=1", "profile.num_iter=2"]
+TINY = [
+    "model.finetune=full",
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "profile.warmup=1",
+    "profile.num_iter=2",
+]
 
 
 @pytest.fixture
@@ -25,7 +32,11 @@ def profile_config(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_profile_writes_records_table_and_chart(profile_config, tmp_path):
-    results = run_profile(profile_config("profile.modes=[vanilla,hooks,ghost]", "profile.batch_sizes=[4]", "profile.count_multiply_adds=true"))
+    results = run_profile(
+        profile_config(
+            "profile.modes=[vanilla,hooks,ghost]", "profile.batch_sizes=[4]", "profile.count_multiply_adds=true"
+        )
+    )
 
     written = json.loads((tmp_path / "profile.json").read_text())
     assert [r["mode"] for r in written["records"]] == ["vanilla", "hooks", "ghost"]
@@ -76,7 +87,10 @@ def test_every_mode_takes_the_same_step_on_the_same_batch(profile_config, bound)
     """Without noise, every clipping mode clips the same per-sample gradients; with a bound
     nothing reaches they equal the non-private step."""
     cfg = profile_config(
-        "optimizer._target_=torch.optim.SGD", "optimizer.lr=1.0", "privacy.noise_multiplier=0", f"privacy.max_grad_norm={bound}"
+        "optimizer._target_=torch.optim.SGD",
+        "optimizer.lr=1.0",
+        "privacy.noise_multiplier=0",
+        f"privacy.max_grad_norm={bound}",
     )
     updates = {mode: one_step_update(cfg, mode) for mode in CLIPPING_MODES}
     reference = updates["hooks"]
@@ -130,8 +144,14 @@ def test_max_batch_tries_run_in_fresh_processes_against_the_memory_limit(profile
         (["profile.modes=[vanilla,ghosts]"], "profile.modes=.*choose among vanilla, hooks, ghost, functorch"),
         (["profile.batch_sizes=[0]"], "profile.batch_sizes"),
         (["profile.num_iter=0"], "profile.num_iter=0"),
-        (["profile.find_max_batch=true"], "profile.find_max_batch=true on a machine without a GPU.*profile.memory_limit_gib"),
-        (["profile.find_max_batch=true", "profile.batch_multiple=0"], "profile.batch_multiple=0.*1 <= batch_multiple <= max_batch"),
+        (
+            ["profile.find_max_batch=true"],
+            "profile.find_max_batch=true on a machine without a GPU.*profile.memory_limit_gib",
+        ),
+        (
+            ["profile.find_max_batch=true", "profile.batch_multiple=0"],
+            "profile.batch_multiple=0.*1 <= batch_multiple <= max_batch",
+        ),
         (["profile.find_max_batch=true", "profile.first_batch=0"], "profile.first_batch=0 must be at least 1"),
         (["trainer.precision=bf16-mixed"], "profile.modes has ghost: trainer.precision=bf16-mixed"),
         (["data.image_size=9", "profile.modes=[vanilla]"], "not divisible by patch size 2.*data.image_size"),

@@ -22,8 +22,20 @@ def test_the_published_configurations_have_the_hub_models_sizes():
     assert count(vae) == 83_653_863 and vae.config.scaling_factor == 0.18215
 
 
-TINY_TRANSFORMER = {**DIT_XL_2_256, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "sample_size": 4}
-TINY_VAE = {**SD_VAE_FT_EMA, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 32}
+TINY_TRANSFORMER = {
+    **DIT_XL_2_256,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "num_layers": 1,
+    "sample_size": 4,
+}
+TINY_VAE = {
+    **SD_VAE_FT_EMA,
+    "block_out_channels": [8, 8, 8, 8],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+}
 
 
 def test_the_random_pipeline_is_saved_once_and_rebuilt_when_its_record_differs(tmp_path):

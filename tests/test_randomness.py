@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from helpers import BATCH, ZeroLoss, run_step, tiny_model
 
+from dpdit.build import setup
 from dpdit.data import ImageDataModule, LogicalBatchSampler
 from dpdit.privacy import DPSGD, PrivacyConfig
 from dpdit.randomness import PrivateRandomness
-from dpdit.build import setup
 from dpdit.train import train
+from helpers import BATCH, ZeroLoss, run_step, tiny_model
 
 
 def noise_of_one_step(secure_mode: bool) -> torch.Tensor:
@@ -137,7 +137,9 @@ def test_resume_under_secret_randomness_continues_the_same_streams(make_config, 
     step_two = tmp_path / "step2.ckpt"
     shutil.copy(next((tmp_path / "whole" / "checkpoints").glob("*step=2.ckpt")), step_two)
     train(make_config("trainer.max_steps=4", f"ckpt_path={step_two}", name="resumed"))
-    whole, resumed = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False) for name in ("whole", "resumed"))
+    whole, resumed = (
+        torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False) for name in ("whole", "resumed")
+    )
     assert whole["privacy"]["randomness"] == resumed["privacy"]["randomness"]
     for key, value in whole["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)

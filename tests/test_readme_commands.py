@@ -33,7 +33,9 @@ def documented_commands() -> list[tuple[str, list[str]]]:
             words = [
                 word
                 for word in shlex.split(arguments)
-                if "=" in word and not re.search(r"[<>\[\]]$|^\[|<", word.split("=", 1)[0] + word) and not word.startswith("hydra")
+                if "=" in word
+                and not re.search(r"[<>\[\]]$|^\[|<", word.split("=", 1)[0] + word)
+                and not word.startswith("hydra")
             ]
             if re.search(r"(^|\s)(-m|--multirun)(\s|$)", arguments):
                 # a sweep: each of its values is one run; the first stands for them all

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from dpdit.files import AtomicCheckpointIO, write_atomically
-from dpdit.cli import ConfigError
 from dpdit.build import setup
+from dpdit.cli import ConfigError
+from dpdit.files import AtomicCheckpointIO, write_atomically
 from dpdit.train import train
 
 
@@ -44,13 +44,19 @@ def finished_run(make_config, tmp_path):
     """A finished 2-step run, and the bytes of what it wrote."""
     train(make_config())
     run = tmp_path / "run"
-    return run, {name: (run / name).read_bytes() for name in ("config_resolved.yaml", "checkpoints/last.ckpt", "privacy_report.json")}
+    return run, {
+        name: (run / name).read_bytes()
+        for name in ("config_resolved.yaml", "checkpoints/last.ckpt", "privacy_report.json")
+    }
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.hidden_size=64", r"was trained with another model \(\S+ is \(192,\) there and \(384,\) here and \d+ more\)"),
+        (
+            "model.hidden_size=64",
+            r"was trained with another model \(\S+ is \(192,\) there and \(384,\) here and \d+ more\)",
+        ),
         ("data.image_size=16", "was trained with data.image_size=8 but this run sets data.image_size=16"),
     ],
 )

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import FAST, compose_config
+from dpdit.cli import ConfigError
 from dpdit.data import build_dataset
 from dpdit.evaluate import dataset_arrays, frechet_distance, precision_recall, run_evaluation
 from dpdit.sample import run_sampling
-from dpdit.cli import ConfigError
 from dpdit.train import train
+from helpers import FAST, compose_config
 
 
 def fast_config(name, *overrides):
@@ -26,7 +26,9 @@ def checkpoint(tmp_path_factory):
 
 
 def sample(checkpoint, out, *overrides):
-    return run_sampling(fast_config("sample", f"ckpt_path={checkpoint}", f"paths.output_dir={out}", "sample.steps=2", *overrides))
+    return run_sampling(
+        fast_config("sample", f"ckpt_path={checkpoint}", f"paths.output_dir={out}", "sample.steps=2", *overrides)
+    )
 
 
 def test_sample_writes_pngs_and_npz_for_the_asked_labels(checkpoint, tmp_path):
@@ -44,7 +46,14 @@ def test_sample_writes_pngs_and_npz_for_the_asked_labels(checkpoint, tmp_path):
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "ddpm"])
 def test_samples_depend_on_the_seed_not_on_the_batch_size(checkpoint, tmp_path, scheduler):
     def images(name, *overrides):
-        return sample(checkpoint, tmp_path / name, "sample.num_images=5", f"sample.scheduler={scheduler}", "sample.png=false", *overrides)["images"]
+        return sample(
+            checkpoint,
+            tmp_path / name,
+            "sample.num_images=5",
+            f"sample.scheduler={scheduler}",
+            "sample.png=false",
+            *overrides,
+        )["images"]
 
     whole = images("whole", "sample.batch_size=5")
     assert np.array_equal(whole, images("split", "sample.batch_size=2"))
@@ -79,12 +88,18 @@ def evaluate(out, *overrides):
 
 def test_evaluate_samples_from_a_checkpoint_with_downstream_accuracy_on_held_out_digits(checkpoint, tmp_path):
     results = evaluate(
-        tmp_path, f"ckpt_path={checkpoint}", "sample.num_images=60", "sample.steps=2",
-        "evaluate.metrics=[downstream]", "evaluate.downstream.epochs=2",
+        tmp_path,
+        f"ckpt_path={checkpoint}",
+        "sample.num_images=60",
+        "sample.steps=2",
+        "evaluate.metrics=[downstream]",
+        "evaluate.downstream.epochs=2",
     )
     downstream = results["downstream"]
     assert results["samples"] == 60 and (tmp_path / "samples.npz").is_file()
-    assert downstream["test_images"] == 300 and downstream["validation_images"] == 6 and downstream["train_images"] == 54
+    assert (
+        downstream["test_images"] == 300 and downstream["validation_images"] == 6 and downstream["train_images"] == 54
+    )
     assert 0.0 <= downstream["accuracy"] <= 1.0 and downstream["epoch"] in (1, 2)
     assert (tmp_path / "evaluation.json").is_file() and list((tmp_path / "csv").rglob("metrics.csv"))
 
@@ -97,7 +112,10 @@ def test_downstream_accuracy_tells_real_images_from_noise(tmp_path):
     for name, y in (("real", labels), ("shuffled", shuffled)):
         np.savez(tmp_path / f"{name}.npz", images=images, labels=y)
         scores[name] = evaluate(
-            tmp_path / name, f"evaluate.samples={tmp_path / name}.npz", "evaluate.metrics=[downstream]", "evaluate.downstream.epochs=15"
+            tmp_path / name,
+            f"evaluate.samples={tmp_path / name}.npz",
+            "evaluate.metrics=[downstream]",
+            "evaluate.downstream.epochs=15",
         )["downstream"]["accuracy"]
     assert scores["real"] > 0.85 and scores["shuffled"] < 0.3
 
@@ -105,9 +123,15 @@ def test_downstream_accuracy_tells_real_images_from_noise(tmp_path):
 def test_fid_without_the_inception_weights_says_how_to_get_them(tmp_path, monkeypatch):
     offline(monkeypatch, tmp_path)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-    with pytest.raises(ConfigError, match=rf"(?s)Inception weights.*download\n.*weights-inception-2015-12-05-6726825d.pth\nand put the file at {expected}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"(?s)Inception weights.*download\n.*weights-inception-2015-12-05-6726825d.pth"
+        rf"\nand put the file at {expected}",
+    ):
         evaluate(tmp_path / "out", f"evaluate.samples={tmp_path}", "evaluate.metrics=[fid]")
-    with pytest.raises(ConfigError, match="evaluate.inception_weights=/nowhere/w.pth does not exist: download https://"):
+    with pytest.raises(
+        ConfigError, match="evaluate.inception_weights=/nowhere/w.pth does not exist: download https://"
+    ):
         evaluate(tmp_path / "out", f"evaluate.samples={tmp_path}", "evaluate.inception_weights=/nowhere/w.pth")
 
 
@@ -133,8 +157,10 @@ def test_the_default_evaluation_runs_offline_and_ranks_real_noisy_and_random_dig
     for name, x in sets.items():
         np.savez(tmp_path / f"{name}.npz", images=x, labels=labels)
         results[name] = evaluate(
-            tmp_path / name, f"evaluate.samples={tmp_path / name}.npz",
-            "evaluate.reference_classifier.epochs=8", "evaluate.downstream.epochs=4",
+            tmp_path / name,
+            f"evaluate.samples={tmp_path / name}.npz",
+            "evaluate.reference_classifier.epochs=8",
+            "evaluate.downstream.epochs=4",
         )
     real, noisy, random = results["real"], results["noisy"], results["random"]
     assert real["metrics"] == ["classifier_fd", "classifier_precision_recall", "class_consistency", "downstream"]
@@ -158,10 +184,16 @@ def test_frechet_distance_and_precision_recall_on_known_features():
     assert far == {"precision": 0.0, "recall": 0.0}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["evaluate.metrics=[is]"], r"evaluate.metrics=\['is'\]: choose auto or a list from fid, precision_recall, classifier_fd"),
-    ([], "give either evaluate.samples"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["evaluate.metrics=[is]"],
+            r"evaluate.metrics=\['is'\]: choose auto or a list from fid, precision_recall, classifier_fd",
+        ),
+        ([], "give either evaluate.samples"),
+    ],
+)
 def test_bad_evaluate_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         evaluate(tmp_path, "evaluate.metrics=[downstream]", *overrides)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from dpdit.privacy import PrivacyConfig, epsilon_of
 from dpdit.cli import ConfigError
+from dpdit.privacy import PrivacyConfig, epsilon_of
 from dpdit.train import train
 
 # the accountant a run uses unless told otherwise
@@ -19,8 +19,17 @@ ACCOUNTANT = PrivacyConfig.accountant
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
-    "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant",
-    "clipping", "noise_multiplicity", "dataset_size", "expected_batch_size",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "max_grad_norm",
+    "sample_rate",
+    "steps",
+    "accountant",
+    "clipping",
+    "noise_multiplicity",
+    "dataset_size",
+    "expected_batch_size",
 }
 
 
@@ -69,7 +78,9 @@ def test_resume_continues_training_and_accountant(make_config, tmp_path):
     whole = train(make_config(fixed, "trainer.max_steps=4", name="whole"))
     train(make_config(fixed, "trainer.max_steps=2", name="first"))
     resumed = train(
-        make_config(fixed, "trainer.max_steps=4", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}", name="second")
+        make_config(
+            fixed, "trainer.max_steps=4", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}", name="second"
+        )
     )
     assert resumed["steps"] == whole["steps"] == 4
     assert resumed["epsilon"] == pytest.approx(whole["epsilon"], rel=1e-12)
@@ -92,7 +103,10 @@ BAD_INPUTS = {
     "non-positive target epsilon": (["privacy.target_epsilon=0"], "privacy.target_epsilon"),
     "non-positive clip norm": (["privacy.max_grad_norm=0"], "privacy.max_grad_norm"),
     "physical batch larger than logical": (["data.physical_batch_size=128"], "data.physical_batch_size"),
-    "logical batch larger than the dataset": (["data.batch_size=5000", "data.physical_batch_size=64"], "data.batch_size"),
+    "logical batch larger than the dataset": (
+        ["data.batch_size=5000", "data.physical_batch_size=64"],
+        "data.batch_size",
+    ),
     "unknown clipping mode": (["privacy.clipping=per_layer"], "privacy.clipping"),
     "unknown accountant": (["privacy.accountant=moments"], "privacy.accountant"),
     "unknown dataset": (["data.dataset=svhn"], "data.dataset"),
@@ -140,7 +154,10 @@ def test_dp_resume_of_non_private_checkpoint_is_refused(make_config, tmp_path):
 def test_command_line_error_is_one_clear_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "privacy.max_grad_norm=-1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "dpdit: privacy.max_grad_norm=-1" in result.stderr

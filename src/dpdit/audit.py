@@ -67,7 +67,9 @@ class CanaryDataModule(ImageDataModule):
         generator = torch.Generator().manual_seed(self.canary_seed + 1)
         self.included = torch.rand(self.canary_count, generator=generator) < 0.5
         images, labels = self.canaries
-        self.train_dataset = ConcatDataset([self.train_dataset, TensorDataset(images[self.included], labels[self.included])])
+        self.train_dataset = ConcatDataset(
+            [self.train_dataset, TensorDataset(images[self.included], labels[self.included])]
+        )
 
 
 @torch.no_grad()
@@ -132,6 +134,7 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, significance: floa
     0 when even epsilon = 0 is not rejected."""
     if r == 0 or p_value(m, r, v, 0.0, delta) >= significance:
         return 0.0
+
     def rejected(epsilon: float) -> bool:
         return p_value(m, r, v, epsilon, delta) < significance
 
@@ -189,7 +192,9 @@ def check_audit_settings(cfg: DictConfig) -> None:
     """Refuse, before training, settings under which the audit cannot run."""
     audit = cfg.audit
     if cfg.ckpt_path is not None or cfg.init_ckpt_path is not None:
-        raise ConfigError("an audit scores one training run from its initial weights: leave ckpt_path and init_ckpt_path null")
+        raise ConfigError(
+            "an audit scores one training run from its initial weights: leave ckpt_path and init_ckpt_path null"
+        )
     if not audit.scores or set(audit.scores) - set(SCORES):
         raise ConfigError(f"audit.scores={list(audit.scores)}: choose among {', '.join(SCORES)}")
     if audit.weights not in WEIGHTS:
@@ -208,7 +213,9 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     trainer, module, datamodule = setup(cfg)
     images, labels = datamodule.canaries
     if module.model.num_classes != cfg.model.num_classes:
-        raise ConfigError("the audit gives every canary a class of its own: with model=pretrained, set model.labels=fresh")
+        raise ConfigError(
+            "the audit gives every canary a class of its own: with model=pretrained, set model.labels=fresh"
+        )
     initial = module.model.class_embeddings(labels).detach().clone()
     trained = False
     try:
@@ -223,7 +230,9 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     except Interrupted as stop:
         # a bound holds only for a whole run and its scores: there is no partial audit
         where = "while scoring the canaries" if trained else f"during training, after step {trainer.global_step}"
-        raise Interrupted(f"audit stopped by SIGTERM {where}; no audit_report.json was written: run the audit again") from stop
+        raise Interrupted(
+            f"audit stopped by SIGTERM {where}; no audit_report.json was written: run the audit again"
+        ) from stop
     included = datamodule.included.numpy()
     result = audit_scores(measured, included, cfg.privacy.delta, cfg.audit.confidence, list(cfg.audit.guesses))
     privacy = module.privacy.report()
@@ -239,7 +248,18 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         "dataset_size": datamodule.dataset_size,
         "weights": cfg.audit.weights,
         "draws": cfg.audit.draws,
-        "privacy": {key: privacy.get(key) for key in ("enabled", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant", "clipping")},
+        "privacy": {
+            key: privacy.get(key)
+            for key in (
+                "enabled",
+                "noise_multiplier",
+                "max_grad_norm",
+                "sample_rate",
+                "steps",
+                "accountant",
+                "clipping",
+            )
+        },
     }
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "audit_report.json").write_text(json.dumps(report, indent=2))
@@ -252,7 +272,8 @@ def main(cfg: DictConfig) -> None:
     report = run_audit(cfg)
     print(
         f"audit: epsilon >= {report['epsilon_lower_bound']:.3f} at {cfg.audit.confidence:.0%} confidence "
-        f"({report['best']['correct']}/{report['best']['guesses']} correct guesses by the {report['best']['score']} score); "
+        f"({report['best']['correct']}/{report['best']['guesses']} correct guesses "
+        f"by the {report['best']['score']} score); "
         f"claimed epsilon {report['claimed_epsilon']}"
     )
 

@@ -18,7 +18,9 @@ def bracket(below: Callable[[float], bool], limit: float = math.inf) -> tuple[fl
     return low, high
 
 
-def narrow(below: Callable[[float], bool], low: float, high: float, done: Callable[[float, float], bool]) -> tuple[float, float]:
+def narrow(
+    below: Callable[[float], bool], low: float, high: float, done: Callable[[float, float], bool]
+) -> tuple[float, float]:
     """Halve [low, high], where `below` holds at low and not at high, until `done(low, high)`."""
     while not done(low, high):
         middle = (low + high) / 2.0

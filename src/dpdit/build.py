@@ -110,7 +110,8 @@ def run_randomness(config: PrivacyConfig, seed: int) -> PrivateRandomness:
     if config.enabled and not config.secure_mode:
         log.warning(
             "privacy.secure_mode=false: batch membership and noise are derived from seed=%d; anyone "
-            "with the config can regenerate the noise, so this run is not a private release", seed
+            "with the config can regenerate the noise, so this run is not a private release",
+            seed,
         )
     return PrivateRandomness.create(secret=config.enabled and config.secure_mode, seed=seed)
 
@@ -187,7 +188,9 @@ def make_mechanism(
         sigma = calibrate_noise_multiplier(
             config.target_epsilon, config.delta, datamodule.sample_rate, remaining, config.accountant, history
         )
-    privacy = DPSGD(config, datamodule.sample_rate, datamodule.dataset_size, sigma, datamodule.randomness, history, init_checkpoint)
+    privacy = DPSGD(
+        config, datamodule.sample_rate, datamodule.dataset_size, sigma, datamodule.randomness, history, init_checkpoint
+    )
     if resumed is not None:
         privacy.load_state_dict(state)
     allowed = privacy.ledger.limit_steps(remaining)
@@ -201,12 +204,19 @@ def make_mechanism(
         log.warning(
             "privacy budget: at noise multiplier %.4g and sample rate %.4g, privacy.target_epsilon=%g "
             "allows %d of the %d remaining steps; training will stop after step %d",
-            sigma, datamodule.sample_rate, config.target_epsilon, allowed, remaining, max_steps - remaining + allowed,
+            sigma,
+            datamodule.sample_rate,
+            config.target_epsilon,
+            allowed,
+            remaining,
+            max_steps - remaining + allowed,
         )
     return privacy
 
 
-def starting_point(cfg: DictConfig, config: PrivacyConfig, prior: dict[str, Any] | None, inherited: History) -> dict[str, Any] | None:
+def starting_point(
+    cfg: DictConfig, config: PrivacyConfig, prior: dict[str, Any] | None, inherited: History
+) -> dict[str, Any] | None:
     """Where a new DP run starts from, for its report: the public prior (its spend does not
     count), or `init_ckpt_path` with what of its history counts."""
     if prior is not None:
@@ -218,7 +228,12 @@ def starting_point(cfg: DictConfig, config: PrivacyConfig, prior: dict[str, Any]
 
 
 def make_module(
-    cfg: DictConfig, model: torch.nn.Module, mechanism: Mechanism, physical_batch_size: int, config: dict | None = None, **settings: Any
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    mechanism: Mechanism,
+    physical_batch_size: int,
+    config: dict | None = None,
+    **settings: Any,
 ) -> DiffusionModule:
     """The training module (`cfg.module`: the diffusion loss, optimizer, EMA and seed, which
     `settings` override) of `model` under `mechanism`; `config`, the resolved run
@@ -243,7 +258,9 @@ def make_trainer(config: DictConfig, callbacks: list, loggers: list, **settings:
     return instantiate(config, strategy=DPDDPStrategy(), callbacks=callbacks, logger=loggers or False)
 
 
-def setup(cfg: DictConfig, train_public_stage: Callable[[DictConfig], Any] | None = None) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:
+def setup(
+    cfg: DictConfig, train_public_stage: Callable[[DictConfig], Any] | None = None
+) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:
     """Build and check everything; raises ConfigError before any training or writing.
     A requeued SLURM job resumes from its run directory's last checkpoint. A new run with a
     `prior` starts from the public stage that `train_public_stage` trains (once; cached)."""
@@ -280,12 +297,17 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
     if initial is not None:
         initialise_from(model, initial, cfg.init_ckpt_path)
     datamodule: ImageDataModule = instantiate(
-        cfg.data, poisson_sampling=privacy_config.enabled, randomness=run_randomness(privacy_config, cfg.seed), vae=model.vae
+        cfg.data,
+        poisson_sampling=privacy_config.enabled,
+        randomness=run_randomness(privacy_config, cfg.seed),
+        vae=model.vae,
     )
     datamodule.setup("fit")
     check_batches(datamodule)
     check_data_matches_model(datamodule, model)
-    inherited = inherited_history(privacy_config, initial, cfg.init_ckpt_path) if initial and privacy_config.enabled else []
+    inherited = (
+        inherited_history(privacy_config, initial, cfg.init_ckpt_path) if initial and privacy_config.enabled else []
+    )
     start = starting_point(cfg, privacy_config, prior, inherited)
     privacy = make_mechanism(privacy_config, datamodule, cfg.trainer.max_steps, resumed, inherited, start)
     if privacy.enabled:
@@ -297,8 +319,12 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = make_trainer(cfg.trainer, callbacks, loggers)
     check_memory_fits(
-        model, privacy_config.clipping if privacy.enabled else None, datamodule.physical_batch_size,
-        privacy.noise_multiplicity, trainer.strategy.root_device, cfg.optimizer._target_,
+        model,
+        privacy_config.clipping if privacy.enabled else None,
+        datamodule.physical_batch_size,
+        privacy.noise_multiplicity,
+        trainer.strategy.root_device,
+        cfg.optimizer._target_,
     )
     if trainer.is_global_zero:
         save_run_config(resolved, cfg.paths.output_dir, resumed.get("global_step") if resumed else None)

@@ -32,7 +32,9 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     there then loses no trained weights and no privacy history. (Lightning itself skips
     that save once any earlier `last.ckpt` exists, leaving the final steps unsaved.)"""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.global_step >= trainer.max_steps or trainer.should_stop:
             self.save_final(trainer)
@@ -42,7 +44,9 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
     def save_final(self, trainer: L.Trainer) -> None:
         if self.save_last and self.dirpath is not None and self._last_global_step_saved != trainer.global_step:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", weights_only=False)
+            trainer.save_checkpoint(
+                Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", weights_only=False
+            )
             self._last_global_step_saved = trainer.global_step
 
 
@@ -65,7 +69,9 @@ class PrivacyReport(L.Callback):
         write_json_atomically(self.path, report)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update({f"privacy/{k}": v for k, v in report.items() if not isinstance(v, (list, dict))})
+                logger.experiment.summary.update(
+                    {f"privacy/{k}": v for k, v in report.items() if not isinstance(v, (list, dict))}
+                )
             if isinstance(logger, logs.WandbLogger):
                 for name in (self.path.name, "config_resolved.yaml"):
                     if (self.path.parent / name).is_file():
@@ -119,8 +125,15 @@ class SampleImages(L.Callback):
         num_classes = trainer.datamodule.num_classes
         labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.num_per_class)
         images = generate(
-            pl_module.ema.module, pl_module.diffusion, labels, self.guidance_scale, self.steps,
-            self.scheduler, self.seed, self.batch_size, progress=False,
+            pl_module.ema.module,
+            pl_module.diffusion,
+            labels,
+            self.guidance_scale,
+            self.steps,
+            self.scheduler,
+            self.seed,
+            self.batch_size,
+            progress=False,
         )
         labels = labels.cpu().numpy()
         grid = save_samples(images, labels, self.output_dir, num_classes, self.grid_per_class)

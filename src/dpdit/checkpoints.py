@@ -46,10 +46,14 @@ def privacy_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 def weights_under(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors of the submodule at `prefix` (`model.`, `ema.module.`), named as in it."""
-    return {key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
+    return {
+        key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)
+    }
 
 
-def initialise_from(model: torch.nn.Module, checkpoint: dict[str, Any], path: str, setting: str = "init_ckpt_path") -> None:
+def initialise_from(
+    model: torch.nn.Module, checkpoint: dict[str, Any], path: str, setting: str = "init_ckpt_path"
+) -> None:
     """Load the EMA weights of an earlier run (the weights its samples came from); a plain
     run's weights go into the base layers of a model with LoRA adapters."""
     weights = weights_under(checkpoint, EMA_PREFIX)

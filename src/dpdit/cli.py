@@ -88,7 +88,13 @@ def unknown_setting(config_name: str, arguments: list[str]) -> str | None:
     groups, settings = [], []
     for override in overrides:
         key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.is_force_add() or override.package or key.startswith("hydra"):
+        if (
+            override.is_add()
+            or override.is_delete()
+            or override.is_force_add()
+            or override.package
+            or key.startswith("hydra")
+        ):
             continue
         if (CONFIG_DIR / key).is_dir():
             value = override.value()

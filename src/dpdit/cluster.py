@@ -86,7 +86,9 @@ class RequeueOnSignal(L.Callback):
             signal.signal(signum, handler)
         self.previous_handlers = {}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         # The signal may reach ranks in different steps: stop when any rank has it.
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
@@ -94,7 +96,10 @@ class RequeueOnSignal(L.Callback):
         requeue = trainer.strategy.reduce_boolean_decision(self.received in self.requeue_signals, all=False)
         if not requeue:
             name = self.received.name if self.received is not None else "another rank's signal"
-            raise Interrupted(f"stopped by {name} after step {trainer.global_step}; saved {self.path}: resume with ckpt_path={self.path}")
+            raise Interrupted(
+                f"stopped by {name} after step {trainer.global_step}; saved {self.path}: "
+                f"resume with ckpt_path={self.path}"
+            )
         job = slurm_job_id()
         if trainer.is_global_zero and job is not None:
             subprocess.run(["scontrol", "requeue", job], check=True)
@@ -106,7 +111,9 @@ class RequeueOnSignal(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # SIGTERM during the end-of-training outputs (report, samples, export) let them finish.
         if self.received is not None and self.received not in self.requeue_signals:
-            raise Interrupted(f"{self.received.name} arrived after the last training step; the run's outputs were completed first")
+            raise Interrupted(
+                f"{self.received.name} arrived after the last training step; the run's outputs were completed first"
+            )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()

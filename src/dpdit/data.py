@@ -107,7 +107,10 @@ def build_dataset(
     if name == "imagefolder":
         if split == "test":
             if test_root is None:
-                raise ValueError("data=imagefolder has no test split: set data.test_root=/path/to/test/images (one subfolder per class, as data.root)")
+                raise ValueError(
+                    "data=imagefolder has no test split: set data.test_root=/path/to/test/images "
+                    "(one subfolder per class, as data.root)"
+                )
             root = test_root
         if not Path(root).is_dir():
             raise FileNotFoundError(
@@ -127,7 +130,9 @@ def build_dataset(
     except RuntimeError as error:
         if download:
             raise
-        fetch = f"python -c \"import torchvision; torchvision.datasets.{dataset_class.__name__}('{root}', download=True)\""
+        fetch = (
+            f"python -c \"import torchvision; torchvision.datasets.{dataset_class.__name__}('{root}', download=True)\""
+        )
         raise _missing_dataset(name, root, fetch) from error
 
 
@@ -258,8 +263,13 @@ class ImageDataModule(L.LightningDataModule):
             self.train_dataset = images
             return
         if self.latent_cache_dir is None:
-            raise ValueError(f"data={self.dataset} has no data.root to cache its latents beside: set data.latent_cache_dir=/path/to/a/folder")
-        settings = {key: getattr(self, key) for key in ("dataset", "image_size", "channels", "num_classes", "size", "framing")}
+            raise ValueError(
+                f"data={self.dataset} has no data.root to cache its latents beside: "
+                "set data.latent_cache_dir=/path/to/a/folder"
+            )
+        settings = {
+            key: getattr(self, key) for key in ("dataset", "image_size", "channels", "num_classes", "size", "framing")
+        }
         self.train_dataset = cached_latents(
             images,
             self.vae,
@@ -272,8 +282,16 @@ class ImageDataModule(L.LightningDataModule):
     def images(self, split: str) -> Dataset:
         """A split's images in pixel space, unflipped: the real data that samples are compared with."""
         return build_dataset(
-            self.dataset, self.root, self.image_size, self.channels, self.num_classes,
-            download=self.download, size=self.size, split=split, test_root=self.test_root, framing=self.framing,
+            self.dataset,
+            self.root,
+            self.image_size,
+            self.channels,
+            self.num_classes,
+            download=self.download,
+            size=self.size,
+            split=split,
+            test_root=self.test_root,
+            framing=self.framing,
         )
 
     @property

@@ -24,10 +24,7 @@ def mean_per_sample(x: torch.Tensor) -> torch.Tensor:
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale) -> torch.Tensor:
@@ -38,9 +35,7 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale) -> torch.Tensor:
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
-    )
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
 class GaussianDiffusion:
@@ -178,7 +173,9 @@ class GaussianDiffusion:
         if sampler not in SAMPLERS:
             raise ValueError(f"sample.scheduler={sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
         # Clipping x0 to [-1, 1] suits pixels only; VAE latents range wider.
-        return SAMPLERS[sampler].from_config(self.scheduler.config, clip_sample=self.scheduler.config.clip_sample and pixel_space)
+        return SAMPLERS[sampler].from_config(
+            self.scheduler.config, clip_sample=self.scheduler.config.clip_sample and pixel_space
+        )
 
     @torch.no_grad()
     def sample(

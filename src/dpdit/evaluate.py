@@ -33,8 +33,8 @@ import json
 import logging
 import socket
 import urllib.error
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,7 +96,9 @@ def inception_weights(path: str | None, timeout: float | None = None) -> str:
 
     if path is not None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"evaluate.inception_weights={path} does not exist: download {URL_INCEPTION_V3} there")
+            raise FileNotFoundError(
+                f"evaluate.inception_weights={path} does not exist: download {URL_INCEPTION_V3} there"
+            )
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
     if not cached.is_file():
@@ -121,11 +123,15 @@ def inception(weights: str | None) -> nn.Module:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = inception_weights(weights)
-    return FeatureExtractorInceptionV3("inception-v3-compat", [INCEPTION_FEATURES], feature_extractor_weights_path=path).eval()
+    return FeatureExtractorInceptionV3(
+        "inception-v3-compat", [INCEPTION_FEATURES], feature_extractor_weights_path=path
+    ).eval()
 
 
 @torch.no_grad()
-def features(extractor: nn.Module, images: np.ndarray, batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
+def features(
+    extractor: nn.Module, images: np.ndarray, batch_size: int, device: torch.device, desc: str
+) -> torch.Tensor:
     """Features of uint8 images (grey ones repeated to three channels), in float64 on the CPU."""
     extractor = extractor.to(device)
     rows = []
@@ -159,20 +165,37 @@ def classifier(channels: int, image_size: int, num_classes: int, width: int = 32
     """A small CNN: two conv-ReLU-pool stages and a two-layer head."""
     side = image_size // 4
     return nn.Sequential(
-        nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2 * width * side * side, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, num_classes),
+        nn.Conv2d(channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * side * side, 128),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(128, num_classes),
     )
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
     model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(batch_size), labels.split(batch_size)))
+    correct = sum(
+        int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(batch_size), labels.split(batch_size))
+    )
     return correct / max(len(labels), 1)
 
 
-def train_epochs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: DictConfig, generator: torch.Generator, desc: str):
+def train_epochs(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    settings: DictConfig,
+    generator: torch.Generator,
+    desc: str,
+):
     """Train `model` on the images with Adam, one epoch per iteration (yields the epoch)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     for epoch in tqdm(range(1, settings.epochs + 1), desc=desc, unit="epoch", leave=False):
@@ -198,8 +221,13 @@ def downstream_accuracy(
     order = torch.randperm(len(labels), generator=generator)
     held = max(1, int(round(settings.validation_fraction * len(labels))))
     if len(labels) - held < 1:
-        raise ValueError(f"evaluate.downstream.validation_fraction={settings.validation_fraction} leaves no synthetic image to train on")
-    (val_x, val_y), (train_x, train_y) = [(images[i].to(device), labels[i].to(device)) for i in (order[:held], order[held:])]
+        raise ValueError(
+            f"evaluate.downstream.validation_fraction={settings.validation_fraction} "
+            "leaves no synthetic image to train on"
+        )
+    (val_x, val_y), (train_x, train_y) = [
+        (images[i].to(device), labels[i].to(device)) for i in (order[:held], order[held:])
+    ]
     torch.manual_seed(settings.seed)
     model = classifier(images.shape[1], images.shape[-1], num_classes).to(device)
     best = {"validation_accuracy": -1.0}
@@ -224,7 +252,11 @@ def downstream_accuracy(
 
 
 def reference_classifier(
-    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int, settings: DictConfig, device: torch.device
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    settings: DictConfig,
+    device: torch.device,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The downstream CNN trained on the real training split for `settings.epochs` epochs
     from `settings.seed`: the same network for every evaluation of this data."""
@@ -236,11 +268,17 @@ def reference_classifier(
         pass
     model.eval()
     test_x, test_y = from_uint8(test[0]).to(device), torch.from_numpy(test[1]).long().to(device)
-    return model, {"train_images": len(labels), "epochs": settings.epochs, "test_accuracy": accuracy(model, test_x, test_y)}
+    return model, {
+        "train_images": len(labels),
+        "epochs": settings.epochs,
+        "test_accuracy": accuracy(model, test_x, test_y),
+    }
 
 
 @torch.no_grad()
-def classifier_outputs(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def classifier_outputs(
+    model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The penultimate-layer features (float64, CPU) and predicted classes of uint8 images."""
     features, predicted = [], []
     for x in from_uint8(images).split(batch_size):
@@ -268,7 +306,11 @@ def chosen_metrics(settings: DictConfig) -> list[str]:
         except FileNotFoundError as error:
             log.warning("evaluate.metrics=auto leaves out FID and precision/recall: %s", error)
             return [m for m in METRICS if m not in INCEPTION_METRICS]
-    metrics = list(settings.metrics) if isinstance(settings.metrics, Sequence) and not isinstance(settings.metrics, str) else [settings.metrics]
+    metrics = (
+        list(settings.metrics)
+        if isinstance(settings.metrics, Sequence) and not isinstance(settings.metrics, str)
+        else [settings.metrics]
+    )
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"evaluate.metrics={metrics}: choose auto or a list from {', '.join(METRICS)}")
@@ -282,19 +324,24 @@ def check_settings(settings: DictConfig) -> None:
         if settings[name].epochs < 1:
             raise ValueError(f"evaluate.{name}.epochs={settings[name].epochs} must be at least 1")
     if not 0.0 < settings.downstream.validation_fraction < 1.0:
-        raise ValueError(f"evaluate.downstream.validation_fraction={settings.downstream.validation_fraction} must lie in (0, 1)")
+        raise ValueError(
+            f"evaluate.downstream.validation_fraction={settings.downstream.validation_fraction} must lie in (0, 1)"
+        )
 
 
 def synthetic_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     if (cfg.evaluate.samples is None) == (cfg.ckpt_path is None):
         raise ValueError(
-            "give either evaluate.samples=<samples.npz or its folder> or ckpt_path=<checkpoint> (to sample from it first)"
+            "give either evaluate.samples=<samples.npz or its folder> "
+            "or ckpt_path=<checkpoint> (to sample from it first)"
         )
     if cfg.evaluate.samples is not None:
         return load_samples(cfg.evaluate.samples)
     log.info(
         "drawing sample.num_images=%d images from %s to evaluate (the downstream classifier trains on "
-        "them, as in DPDM; fewer are quicker and noisier: sample.num_images=1000)", cfg.sample.num_images, cfg.ckpt_path,
+        "them, as in DPDM; fewer are quicker and noisier: sample.num_images=1000)",
+        cfg.sample.num_images,
+        cfg.ckpt_path,
     )
     result = run_sampling(cfg)
     return result["images"], result["labels"]
@@ -319,20 +366,31 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         synthetic = synthetic_images(cfg)
     real_shape = next(iter(real.values()))[0].shape[1:]
     if synthetic[0].shape[1:] != real_shape:
-        raise ConfigError(f"the samples have shape {synthetic[0].shape[1:]} (C, H, W) but data={data.dataset} gives {real_shape}: evaluate against the data the model was trained on")
+        raise ConfigError(
+            f"the samples have shape {synthetic[0].shape[1:]} (C, H, W) but data={data.dataset} gives {real_shape}: "
+            "evaluate against the data the model was trained on"
+        )
 
     results: dict[str, Any] = {"samples": len(synthetic[0]), "data": data.dataset, "metrics": metrics}
     if inception_needed or classifier_needed:
         results["fid_reference"] = {"split": settings.fid_reference, "images": len(real[settings.fid_reference][0])}
     if extractor is not None:
         fake = features(extractor, synthetic[0], settings.batch_size, device, "inception: samples")
-        true = features(extractor, real[settings.fid_reference][0], settings.batch_size, device, f"inception: real {settings.fid_reference}")
+        true = features(
+            extractor,
+            real[settings.fid_reference][0],
+            settings.batch_size,
+            device,
+            f"inception: real {settings.fid_reference}",
+        )
         if "fid" in metrics:
             results["fid"] = frechet_distance(fake, true)
         if "precision_recall" in metrics:
             results.update(precision_recall(fake[: settings.prc_images], true[: settings.prc_images]))
     if classifier_needed:
-        model, results["reference_classifier"] = reference_classifier(real["train"], real["test"], data.num_classes, settings.reference_classifier, device)
+        model, results["reference_classifier"] = reference_classifier(
+            real["train"], real["test"], data.num_classes, settings.reference_classifier, device
+        )
         fake, predicted = classifier_outputs(model, synthetic[0], device)
         true, _ = classifier_outputs(model, real[settings.fid_reference][0], device)
         if "classifier_fd" in metrics:
@@ -343,7 +401,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         if "class_consistency" in metrics:
             results["class_consistency"] = float((predicted.numpy() == synthetic[1]).mean())
     if "downstream" in metrics:
-        results["downstream"] = downstream_accuracy(synthetic, real["test"], data.num_classes, settings.downstream, device)
+        results["downstream"] = downstream_accuracy(
+            synthetic, real["test"], data.num_classes, settings.downstream, device
+        )
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,10 @@ def why_not_exportable(model: torch.nn.Module) -> str | None:
         return f"a {type(model).__name__} is neither dpdit's DiT nor a diffusers DiT"
     fixes = []
     if int(model.hidden_size * model.mlp_ratio) != 4 * model.hidden_size:
-        fixes.append(f"model.mlp_ratio={model.mlp_ratio:g} (diffusers' DiT has MLPs 4 x hidden_size wide: train with model.mlp_ratio=4.0)")
+        fixes.append(
+            f"model.mlp_ratio={model.mlp_ratio:g} (diffusers' DiT has MLPs 4 x hidden_size wide: "
+            "train with model.mlp_ratio=4.0)"
+        )
     if model.timestep_convention != "diffusers":
         fixes.append(
             f"model.timestep_convention={model.timestep_convention} (diffusers' DiT spaces the timestep "
@@ -142,7 +145,9 @@ def exportable(model: torch.nn.Module) -> bool:
 
 def _renamed(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
     """The weights and biases of the Linears `names` maps (ours -> theirs), under their names."""
-    return {f"{theirs}.{kind}": state[f"{ours}.{kind}"] for ours, theirs in names.items() for kind in ("weight", "bias")}
+    return {
+        f"{theirs}.{kind}": state[f"{ours}.{kind}"] for ours, theirs in names.items() for kind in ("weight", "bias")
+    }
 
 
 def pipeline_class_table(table: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -180,7 +185,9 @@ def _transformer_weights(model: DiT, state: dict[str, torch.Tensor]) -> dict[str
     class_table = pipeline_class_table(state["y_embedder.embedding_table.weight"], model.num_classes)
     for i in range(len(model.blocks)):
         block = f"transformer_blocks.{i}."
-        weights.update(_renamed(state, {f"blocks.{i}.{ours}": block + theirs for ours, theirs in BLOCK_LINEARS.items()}))
+        weights.update(
+            _renamed(state, {f"blocks.{i}.{ours}": block + theirs for ours, theirs in BLOCK_LINEARS.items()})
+        )
         weights.update(_renamed(state, {ours: block + theirs for ours, theirs in TIMESTEP_LINEARS.items()}))
         weights[block + "norm1.emb.class_embedder.embedding_table.weight"] = class_table
         for kind in ("weight", "bias"):
@@ -198,7 +205,10 @@ def diffusers_transformer(model: torch.nn.Module) -> DiTTransformer2DModel:
         raise ValueError(reason)
     state = plain_state_dict(model)
     if isinstance(model, PretrainedDiT):
-        config, weights = model.transformer.config, {key.removeprefix("transformer."): value for key, value in state.items()}
+        config, weights = (
+            model.transformer.config,
+            {key.removeprefix("transformer."): value for key, value in state.items()},
+        )
     else:
         config, weights = _transformer_config(model), _transformer_weights(model, state)
     # Module.type casts as .to does, without diffusers' warning about float32-only modules
@@ -215,7 +225,11 @@ def _pipeline_class_ids(model: torch.nn.Module) -> list[int] | None:
 
 
 def export_pipeline(
-    model: torch.nn.Module, diffusion: GaussianDiffusion, directory: str | Path, class_names: list[str], sampler: str = "ddim"
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    directory: str | Path,
+    class_names: list[str],
+    sampler: str = "ddim",
 ) -> Path:
     """Save `model` as a DiTPipeline in `directory`: its diffusers transformer, its VAE (none
     in pixel space) and a `sampler` scheduler of the training noise schedule."""

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from fontTools.ttLib import TTFont, TTLibError
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 # Rendered this large, then averaged down: the strokes keep their grey levels.
 CANVAS = 96
@@ -59,7 +59,9 @@ def font_files() -> list[str]:
 
 def _glyph(font: ImageFont.FreeTypeFont, digit: int, stroke: int) -> np.ndarray:
     canvas = Image.new("L", (CANVAS, CANVAS), 0)
-    ImageDraw.Draw(canvas).text((CANVAS // 2, CANVAS // 2), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+    ImageDraw.Draw(canvas).text(
+        (CANVAS // 2, CANVAS // 2), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255
+    )
     return np.asarray(canvas)
 
 
@@ -71,7 +73,10 @@ def draws_numerals(path: str) -> bool:
     cmex10) put other signs at those codes."""
     cmap = TTFont(path, lazy=True).getBestCmap() or {}
     names = [cmap.get(ord(str(digit)), "") for digit in range(10)]
-    return all(name.startswith((word, f"uni{ord(str(digit)):04X}")) for digit, (word, name) in enumerate(zip(DIGIT_NAMES, names)))
+    return all(
+        name.startswith((word, f"uni{ord(str(digit)):04X}"))
+        for digit, (word, name) in enumerate(zip(DIGIT_NAMES, names))
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -102,7 +107,8 @@ def _scaled(crop: Image.Image, side: float) -> Image.Image:
 
 
 def _centred(ink: np.ndarray, box: int, scale: float, shift: tuple[float, float]) -> np.ndarray:
-    """UCI framing: the ink's bounding box scaled so its longer side fills `scale` of a `box` square, centred (plus `shift`)."""
+    """UCI framing: the ink's bounding box scaled so its longer side fills `scale` of a `box`
+    square, centred (plus `shift`)."""
     crop = _scaled(_crop_to_ink(ink), scale * box)
     out = Image.new("L", (box, box), 0)
     left = round((box - crop.width) / 2 + shift[0] * box)
@@ -145,10 +151,14 @@ def render_font_digits(
         if path not in loaded:
             loaded[path] = ImageFont.truetype(path, GLYPH_SIZE)
         glyph = Image.fromarray(_glyph(loaded[path], int(labels[index]), stroke))
-        glyph = np.asarray(glyph.rotate(draw.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES), resample=Image.BILINEAR))
+        glyph = np.asarray(
+            glyph.rotate(draw.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES), resample=Image.BILINEAR)
+        )
         # drawn for either framing, so that image i's font, stroke and rotation do not depend on it
         scale, shift = draw.uniform(*SCALES), tuple(draw.uniform(-MAX_SHIFT, MAX_SHIFT, size=2))
         box = _mass_centred(glyph, CANVAS) if framing == "mnist" else _centred(glyph, CANVAS, scale, shift)
-        images[index] = np.asarray(Image.fromarray(box).resize((image_size, image_size), Image.BOX), dtype=np.float32) / 255.0
+        images[index] = (
+            np.asarray(Image.fromarray(box).resize((image_size, image_size), Image.BOX), dtype=np.float32) / 255.0
+        )
     x = torch.from_numpy(images * 2.0 - 1.0).unsqueeze(1).repeat(1, channels, 1, 1)
     return x, torch.from_numpy(labels)

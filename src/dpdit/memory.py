@@ -58,7 +58,12 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_memory_fits(
-    model: nn.Module, clipping: str | None, physical_batch_size: int, draws: int, device: torch.device, optimizer_target: str
+    model: nn.Module,
+    clipping: str | None,
+    physical_batch_size: int,
+    draws: int,
+    device: torch.device,
+    optimizer_target: str,
 ) -> None:
     """Raise `DoesNotFit` when the training's lower bound exceeds the memory free on `device`.
     The module is built and on the CPU: there its weights and EMA copy are already held."""
@@ -74,9 +79,12 @@ def check_memory_fits(
         return
     parts = ", ".join(f"{LABELS.get(name, name)} {size(n)}" for name, n in {**extra, **state}.items() if n)
     fixes = (
-        "use privacy.clipping=bookkeeping (no per-sample gradients), a smaller data.physical_batch_size, or fewer trained weights (model.finetune)"
+        "use privacy.clipping=bookkeeping (no per-sample gradients), a smaller data.physical_batch_size, "
+        "or fewer trained weights (model.finetune)"
         if extra
         else "train fewer weights (model.finetune), or use a device with more memory"
     )
     mode = f"privacy.clipping={clipping} at data.physical_batch_size={physical_batch_size}" if clipping else "training"
-    raise DoesNotFit(f"{mode} needs at least {size(needed)} more on {device.type} ({parts}) but {size(available)} is free: {fixes}")
+    raise DoesNotFit(
+        f"{mode} needs at least {size(needed)} more on {device.type} ({parts}) but {size(available)} is free: {fixes}"
+    )

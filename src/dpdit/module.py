@@ -123,7 +123,9 @@ class DiffusionModule(L.LightningModule):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(trainable)
         self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
-        return self.privacy.attach(self.model, optimizer, self.per_image_losses, self.manual_backward, self.trainer.world_size)
+        return self.privacy.attach(
+            self.model, optimizer, self.per_image_losses, self.manual_backward, self.trainer.world_size
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step))

@@ -40,8 +40,15 @@ COMPLETE = "prior.json"
 # Settings that do not change the public stage's weights: where it runs and what it writes.
 NOT_SHAPING_WEIGHTS = ("paths", "logger", "callbacks", "hydra", "prior", "sample", "ckpt_path", "init_ckpt_path")
 TRAINER_NOT_SHAPING_WEIGHTS = (
-    "accelerator", "devices", "num_nodes", "strategy", "plugins", "default_root_dir",
-    "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "plugins",
+    "default_root_dir",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "log_every_n_steps",
 )
 # What the public stage copies from the private run's data: the image shape, the classes, the
 # noise schedule the model learns to invert (it suits the image size), and how digits sit in
@@ -102,6 +109,7 @@ def override_value(value: Any) -> str:
 
 def node_overrides(cfg: DictConfig, node: str) -> list[str]:
     """`node.key=value` for every leaf of `cfg[node]`."""
+
     def leaves(value: Any, key: str):
         if isinstance(value, dict):
             for name, item in value.items():
@@ -204,7 +212,9 @@ def warn_if_not_recognisable(record: dict[str, Any]) -> None:
             "chance %.3f, by a classifier trained on the public data): DP fine-tuning from it spends privacy on a "
             "model that does not generate. Train the public stage longer (prior.overrides=[trainer.max_steps=...]) "
             "or check its settings, and look at its samples.png",
-            record["directory"], quality["class_consistency"], quality["chance"],
+            record["directory"],
+            quality["class_consistency"],
+            quality["chance"],
         )
 
 
@@ -221,7 +231,9 @@ def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
     with FileLock(f"{directory}.lock"):
         record_path = directory / COMPLETE
         if record_path.is_file():
-            log.info("public prior: reusing %s (trained without privacy on public data=%s)", directory, public.data.dataset)
+            log.info(
+                "public prior: reusing %s (trained without privacy on public data=%s)", directory, public.data.dataset
+            )
             record = json.loads(record_path.read_text())
             warn_if_not_recognisable(record)
             return record
@@ -232,7 +244,9 @@ def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
         log.info(
             "public prior: training the model on public data=%s WITHOUT privacy (no private image goes in, so "
             "it spends no privacy) for %d steps into %s; later runs with the same settings reuse it",
-            public.data.dataset, public.trainer.max_steps, directory,
+            public.data.dataset,
+            public.trainer.max_steps,
+            directory,
         )
         train(public)
         record = {
@@ -241,12 +255,17 @@ def prepare_prior(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
             "steps": int(public.trainer.max_steps),
             "directory": str(directory),
             "checkpoint": str(last),
-            "pipeline": str(directory / "pipeline") if (directory / "pipeline" / "model_index.json").is_file() else None,
+            "pipeline": str(directory / "pipeline")
+            if (directory / "pipeline" / "model_index.json").is_file()
+            else None,
             "note": "trained without privacy on public data only: no private image went in, no privacy was spent",
             "sample_quality": sample_quality(cfg, public.data, directory),
         }
         if record["sample_quality"] is not None:
-            log.info("public prior: its samples' class-consistency on public data is %.3f", record["sample_quality"]["class_consistency"])
+            log.info(
+                "public prior: its samples' class-consistency on public data is %.3f",
+                record["sample_quality"]["class_consistency"],
+            )
         warn_if_not_recognisable(record)
         write_json_atomically(record_path, record)
         return record

@@ -176,7 +176,14 @@ def build(cfg: DictConfig, mode: str, batch_size: int) -> tuple[DiffusionModule,
     module = make_module(cfg, model, mechanism, batch_size, seed=cfg.profile.seed)
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     clipping = None if mode == VANILLA else mode
-    check_memory_fits(model, clipping, batch_size, mechanism.noise_multiplicity, torch.device("cuda" if on_gpu else "cpu"), cfg.optimizer._target_)
+    check_memory_fits(
+        model,
+        clipping,
+        batch_size,
+        mechanism.noise_multiplicity,
+        torch.device("cuda" if on_gpu else "cpu"),
+        cfg.optimizer._target_,
+    )
     generator = torch.Generator().manual_seed(cfg.profile.seed)
     shape = (batch_size, model.in_channels, model.input_size, model.input_size)
     images = torch.rand(shape, generator=generator) * 2 - 1
@@ -222,7 +229,11 @@ def cap_gpu_memory(limit_gib: float | None) -> None:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error)
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "can't allocate memory" in str(error)
+        or "out of memory" in str(error)
+    )
 
 
 def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num_iter: int) -> dict[str, Any]:
@@ -244,7 +255,9 @@ def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num
     # with profile.count_multiply_adds, one more step after the timed ones, under the counter
     counter = MultiplyAddCounter(warmup + num_iter) if cfg.profile.count_multiply_adds else None
     try:
-        trainer = run_steps(cfg, module, batch, warmup + num_iter + (counter is not None), [timer] + ([counter] if counter else []))
+        trainer = run_steps(
+            cfg, module, batch, warmup + num_iter + (counter is not None), [timer] + ([counter] if counter else [])
+        )
     except Exception as error:  # a mode that fails (e.g. a layer ghost clipping cannot take) must not stop the others
         first_line = (str(error).splitlines() or [""])[0]
         status = "out_of_memory" if is_out_of_memory(error) else "error"
@@ -278,7 +291,12 @@ def measure(config: dict[str, Any], mode: str, batch_size: int, warmup: int, num
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:
-    described = {"type": device.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    described = {
+        "type": device.type,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         described.update(name=properties.name, total_memory_bytes=properties.total_memory)
@@ -286,7 +304,11 @@ def describe_device(device: torch.device) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str | None]:
-    versions = {"python": platform.python_version(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    versions = {
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
     for library in LIBRARIES:
         try:
             versions[library] = version(library)
@@ -307,7 +329,12 @@ def in_fresh_process(config: dict[str, Any], mode: str, batch_size: int, warmup:
         try:
             record = pool.submit(measure, config, mode, batch_size, warmup, num_iter).result()
         except BrokenProcessPool:
-            record = {"mode": mode, "batch_size": batch_size, "status": "out_of_memory", "error": "the process was killed"}
+            record = {
+                "mode": mode,
+                "batch_size": batch_size,
+                "status": "out_of_memory",
+                "error": "the process was killed",
+            }
     if record["status"] == "config_error":
         raise ConfigError(record["error"])
     return record
@@ -346,7 +373,9 @@ def find_max_batch(config: dict[str, Any], mode: str) -> dict[str, Any]:
         return fit
 
     largest = multiple * largest_fitting(
-        lambda k: fits(k * multiple), config["profile"]["max_batch"] // multiple, max(1, config["profile"]["first_batch"] // multiple)
+        lambda k: fits(k * multiple),
+        config["profile"]["max_batch"] // multiple,
+        max(1, config["profile"]["first_batch"] // multiple),
     )
     return {"batch_size": largest, "memory_limit_gib": limit, "tries": tries}
 
@@ -359,7 +388,10 @@ def check_profile_settings(cfg: DictConfig) -> None:
     if not profile.batch_sizes or any(b < 1 for b in profile.batch_sizes):
         raise ConfigError(f"profile.batch_sizes={list(profile.batch_sizes)}: each must be at least 1")
     if profile.warmup < 0 or profile.num_iter < 1:
-        raise ConfigError(f"profile.warmup={profile.warmup}, profile.num_iter={profile.num_iter}: warm-up >= 0 and at least one timed step")
+        raise ConfigError(
+            f"profile.warmup={profile.warmup}, profile.num_iter={profile.num_iter}: "
+            "warm-up >= 0 and at least one timed step"
+        )
     if profile.find_max_batch and not 1 <= profile.batch_multiple <= profile.max_batch:
         raise ConfigError(
             f"profile.batch_multiple={profile.batch_multiple}, profile.max_batch={profile.max_batch}: "
@@ -393,13 +425,18 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         record["vs_vanilla"] = {
             "step_time": record["median_step_s"] / base["median_step_s"],
             "peak_memory": record["memory"]["peak_bytes"] / max(base["memory"]["peak_bytes"], 1),
-            "multiply_adds": record["multiply_adds"] / base["multiply_adds"] if record.get("multiply_adds") and base.get("multiply_adds") else None,
+            "multiply_adds": record["multiply_adds"] / base["multiply_adds"]
+            if record.get("multiply_adds") and base.get("multiply_adds")
+            else None,
         }
 
 
 def format_table(records: list[dict[str, Any]], max_batch: dict[str, Any]) -> str:
     counted = any(r.get("multiply_adds") for r in records)
-    header = f"{'mode':<10} {'batch':>6} {'step (s)':>10} {'images/s':>10} {'peak memory':>12} {'time/vanilla':>13} {'memory/vanilla':>15}"
+    header = (
+        f"{'mode':<10} {'batch':>6} {'step (s)':>10} {'images/s':>10} {'peak memory':>12} "
+        f"{'time/vanilla':>13} {'memory/vanilla':>15}"
+    )
     header += f" {'mult-adds/vanilla':>18}" if counted else ""
     lines = [header, "-" * len(header)]
     for r in records:

@@ -74,7 +74,9 @@ def generate(
     with tqdm(total=len(labels), desc=desc, unit="image", disable=not progress) as bar:
         for start in range(0, len(labels), batch_size):
             chunk = labels[start : start + batch_size]
-            generators = [torch.Generator(device=device).manual_seed(image_seed(seed, start + i)) for i in range(len(chunk))]
+            generators = [
+                torch.Generator(device=device).manual_seed(image_seed(seed, start + i)) for i in range(len(chunk))
+            ]
             x = diffusion.sample(model, chunk, guidance_scale, steps, scheduler, generators, progress=False)
             images.append(to_uint8(x if model.vae is None else model.vae.decode(x)))
             bar.update(len(chunk))
@@ -84,7 +86,10 @@ def generate(
 def load_checkpoint_model(ckpt_path: str | None) -> tuple[nn.Module, GaussianDiffusion, DictConfig]:
     """A checkpoint's EMA model, its diffusion and the configuration it was trained with."""
     if ckpt_path is None:
-        raise ValueError("ckpt_path is not set: give a checkpoint written by train.py, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
+        raise ValueError(
+            "ckpt_path is not set: give a checkpoint written by train.py, "
+            "e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt"
+        )
     model, config = model_of(ckpt_path, "ckpt_path")
     return model, instantiate(config.diffusion), config
 
@@ -107,7 +112,9 @@ def write_images(images: np.ndarray, labels: np.ndarray, directory: Path) -> Non
         Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(folder / f"{index:06d}.png")
 
 
-def save_samples(images: np.ndarray, labels: np.ndarray, output_dir: Path, num_classes: int, grid_per_class: int = 10) -> Image.Image:
+def save_samples(
+    images: np.ndarray, labels: np.ndarray, output_dir: Path, num_classes: int, grid_per_class: int = 10
+) -> Image.Image:
     """`samples.npz` and `samples.png`, a grid with a row of the first images of each class."""
     output_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(output_dir / "samples.npz", images=images, labels=labels)
@@ -135,14 +142,24 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         labels = class_labels(settings.num_images, settings.class_labels, model.null_class)
     output_dir = Path(cfg.paths.output_dir)
     images = generate(
-        model.to(device), diffusion, labels.to(device), settings.guidance_scale, settings.steps,
-        settings.scheduler, settings.seed, settings.batch_size, desc=f"sampling sample.num_images={len(labels)} images",
+        model.to(device),
+        diffusion,
+        labels.to(device),
+        settings.guidance_scale,
+        settings.steps,
+        settings.scheduler,
+        settings.seed,
+        settings.batch_size,
+        desc=f"sampling sample.num_images={len(labels)} images",
     )
     labels = labels.numpy()
     save_samples(images, labels, output_dir, model.null_class)
     if settings.png:
         write_images(images, labels, output_dir / "images")
-    OmegaConf.save(OmegaConf.create({"ckpt_path": cfg.ckpt_path, "sample": OmegaConf.to_container(settings), "run": run_config}), output_dir / "sample_config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"ckpt_path": cfg.ckpt_path, "sample": OmegaConf.to_container(settings), "run": run_config}),
+        output_dir / "sample_config.yaml",
+    )
     log.info("wrote %d images to %s", len(images), output_dir)
     return {"images": images, "labels": labels, "output_dir": output_dir, "run_config": run_config}
 

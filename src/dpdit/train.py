@@ -24,6 +24,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finish_wandb_runs(trainer.loggers)
     report = module.privacy.report()
     if report["enabled"]:
-        log.info("spent epsilon %.4g (%s, delta %g) in %d steps", report["epsilon"], report["accountant"], report["delta"], report["steps"])
+        log.info(
+            "spent epsilon %.4g (%s, delta %g) in %d steps",
+            report["epsilon"],
+            report["accountant"],
+            report["delta"],
+            report["steps"],
+        )
     return report
-

@@ -52,7 +52,11 @@ class Layer:
 
 def layer_row(layer: TracedLayer) -> Layer:
     call = layer.call
-    problems = [] if call else ["not called by the forward pass: Opacus finds no per-sample gradient for it in any mode; freeze it"]
+    problems = (
+        []
+        if call
+        else ["not called by the forward pass: Opacus finds no per-sample gradient for it in any mode; freeze it"]
+    )
     return Layer(
         name=layer.name,
         type=type(layer.module).__name__,
@@ -96,7 +100,10 @@ def per_sample_memory(model: nn.Module, layers: list[TracedLayer], batch_size: i
     return {
         "batch_size": batch_size,
         "noise_multiplicity": draws,
-        "bytes": {mode: memory["bytes"] + (NOISE_WORKSPACE_BYTES if mode != VANILLA else 0) for mode, memory in by_mode.items()},
+        "bytes": {
+            mode: memory["bytes"] + (NOISE_WORKSPACE_BYTES if mode != VANILLA else 0)
+            for mode, memory in by_mode.items()
+        },
         **parts,
         "noise_workspace_bytes": NOISE_WORKSPACE_BYTES,
     }

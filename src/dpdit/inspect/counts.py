@@ -72,7 +72,9 @@ def by_component(model: nn.Module) -> list[dict[str, Any]]:
     for name, params in parts:
         if params:
             trainable = count(p for p in params if p.requires_grad)
-            rows.append({"component": name, "parameters": count(params), "trainable": trainable, "share": count(params) / total})
+            rows.append(
+                {"component": name, "parameters": count(params), "trainable": trainable, "share": count(params) / total}
+            )
     return rows
 
 

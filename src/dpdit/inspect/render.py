@@ -8,6 +8,7 @@ from dpdit.inspect.counts import BLOCK_EMBEDDERS
 from dpdit.privacy import CLIPPING
 from dpdit.units import size
 
+
 def millions(n: float) -> str:
     return f"{n / 1e6:,.2f}M"
 
@@ -73,7 +74,9 @@ def render_parameters(report: dict[str, Any]) -> list[str]:
 
 
 def render_block(block: dict[str, Any]) -> list[str]:
-    lines = [f"One block (of {block['blocks']}): {block['parameters']:,} parameters, {block['all_blocks']:,} in all blocks"]
+    lines = [
+        f"One block (of {block['blocks']}): {block['parameters']:,} parameters, {block['all_blocks']:,} in all blocks"
+    ]
     lines += table(
         ["layer", "type", "parameters", "role"],
         [[r["name"], r["type"], f"{r['parameters']:,}", r["role"]] for r in block["layers"]],

@@ -74,8 +74,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     """
     if embed_dim % 4 != 0:
         raise ValueError(
-            f"position embedding size {embed_dim} is not divisible by 4: "
-            "choose model.hidden_size divisible by 4"
+            f"position embedding size {embed_dim} is not divisible by 4: choose model.hidden_size divisible by 4"
         )
     coords = torch.arange(grid_size, dtype=torch.float64)
     grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")
@@ -129,9 +128,7 @@ class TimestepEmbedder(nn.Module):
         max_period sets the lowest frequency."""
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period)
-            * torch.arange(half, dtype=torch.float32, device=t.device)
-            / (half - frequency_shift)
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - frequency_shift)
         )
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -200,9 +197,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x

@@ -153,7 +153,9 @@ def trained_weight_count(
 ) -> int:
     """How many weights `finetune` would train in `model`, without changing the model."""
     base = sum(
-        p.numel() for name, p in model.named_parameters() if not is_adapter(name) and trains(rules, finetune, name, train_class_tables)
+        p.numel()
+        for name, p in model.named_parameters()
+        if not is_adapter(name) and trains(rules, finetune, name, train_class_tables)
     )
     if finetune != "lora":
         return base
@@ -179,4 +181,3 @@ def weights_for(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str,
     lora_name = {plain_name(name): name for name in own if not is_adapter(name)}
     mapped = {lora_name.get(name, name): value for name, value in weights.items()}
     return {**mapped, **{name: value for name, value in own.items() if is_adapter(name)}}
-

@@ -34,12 +34,15 @@ def _missing_weights(setting: str, name: str, subfolder: str) -> FileNotFoundErr
         "On a machine with network access run\n"
         f"    hf download {name}\n"
         "and copy the hub cache (~/.cache/huggingface/hub, or $HF_HOME/hub) to this machine, or save it to a folder:\n"
-        f"    python -c \"from diffusers import DiffusionPipeline; DiffusionPipeline.from_pretrained('{name}').save_pretrained('/path/to/{Path(name).name}')\"\n"
+        f'    python -c "from diffusers import DiffusionPipeline; '
+        f"DiffusionPipeline.from_pretrained('{name}').save_pretrained('/path/to/{Path(name).name}')\"\n"
         f"and set {setting}=/path/to/{Path(name).name}. Set HF_HUB_OFFLINE=1 to skip network attempts."
     )
 
 
-def load_component(model_class, name_or_path: str, subfolder: str, setting: str, cache_dir=None, local_files_only=False):
+def load_component(
+    model_class, name_or_path: str, subfolder: str, setting: str, cache_dir=None, local_files_only=False
+):
     """`model_class` from a pipeline (its `subfolder`) or a single model, local or on the hub.
 
     A local directory is a pipeline if `subfolder/config.json` exists, a model if
@@ -117,11 +120,15 @@ class FrozenVAE:
 
     def fingerprint(self) -> str:
         """Changes whenever the VAE's configuration or weights change."""
-        return tensor_digest(self.autoencoder.state_dict().items(), header=repr(sorted(dict(self.autoencoder.config).items())))
+        return tensor_digest(
+            self.autoencoder.state_dict().items(), header=repr(sorted(dict(self.autoencoder.config).items()))
+        )
 
 
 def load_vae(name_or_path: str, cache_dir=None, local_files_only=False) -> FrozenVAE:
-    autoencoder = load_component(AutoencoderKL, name_or_path, "vae", "model.vae_name_or_path", cache_dir, local_files_only)
+    autoencoder = load_component(
+        AutoencoderKL, name_or_path, "vae", "model.vae_name_or_path", cache_dir, local_files_only
+    )
     return FrozenVAE(autoencoder, str(name_or_path))
 
 
@@ -170,12 +177,16 @@ class PretrainedDiT(nn.Module):
         self.input_size = config.sample_size
         self.patch_size = config.patch_size
         if learn_sigma and self.out_channels != 2 * self.in_channels:
-            raise ValueError("model.learn_sigma=true needs a DiT that outputs a variance (out_channels = 2 x in_channels)")
+            raise ValueError(
+                "model.learn_sigma=true needs a DiT that outputs a variance (out_channels = 2 x in_channels)"
+            )
         self.learn_sigma = learn_sigma
         self.labels = labels
         self.num_classes = 1 if labels == "none" else num_classes
         self.null_class = self.num_classes
-        self.register_buffer("table_rows", self._table_rows(num_classes, labels, class_ids, config.num_embeds_ada_norm), persistent=False)
+        self.register_buffer(
+            "table_rows", self._table_rows(num_classes, labels, class_ids, config.num_embeds_ada_norm), persistent=False
+        )
         if labels == "fresh":
             self._start_fresh_rows(num_classes)
         apply_finetune(self, PRETRAINED_RULES, finetune, lora_rank, lora_alpha, train_class_tables=labels == "fresh")
@@ -222,7 +233,9 @@ class PretrainedDiT(nn.Module):
         return torch.cat([table.weight[self.table_rows[labels]] for table in self.class_tables()], dim=1)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_DIT, cache_dir=None, local_files_only=False, **kwargs) -> PretrainedDiT:
+    def from_pretrained(
+        cls, name_or_path: str = DEFAULT_DIT, cache_dir=None, local_files_only=False, **kwargs
+    ) -> PretrainedDiT:
         transformer = load_component(
             DiTTransformer2DModel, name_or_path, "transformer", "model.name_or_path", cache_dir, local_files_only
         )
@@ -231,7 +244,9 @@ class PretrainedDiT(nn.Module):
     @staticmethod
     def _conditioning(block, t: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         embedder = block.norm1.emb
-        return embedder.timestep_embedder(embedder.time_proj(t).to(dtype)) + embedder.class_embedder.embedding_table(rows)
+        return embedder.timestep_embedder(embedder.time_proj(t).to(dtype)) + embedder.class_embedder.embedding_table(
+            rows
+        )
 
     @staticmethod
     def _block(block, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -290,7 +305,9 @@ def create_dit(
         )
     channels, size = (vae.latent_channels, vae.latent_size(image_size)) if vae else (in_channels, image_size)
     if pretrained:
-        model = PretrainedDiT.from_pretrained(cache_dir=cache_dir, local_files_only=local_files_only, vae=vae, **tuning, **kwargs)
+        model = PretrainedDiT.from_pretrained(
+            cache_dir=cache_dir, local_files_only=local_files_only, vae=vae, **tuning, **kwargs
+        )
         if model.in_channels != channels:
             raise ValueError(
                 f"the pretrained DiT expects {model.in_channels}-channel latents but gets {channels}-channel "

@@ -49,7 +49,13 @@ SD_VAE_FT_EMA = {
     "scaling_factor": 0.18215,
 }
 # the DDIM scheduler of the DiT pipeline: DDPM's linear betas, no clipping of latents
-DIT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": False}
+DIT_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "clip_sample": False,
+}
 # written last: a folder without it holds an interrupted save
 RECORD = "random_weights.json"
 

@@ -87,7 +87,9 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
             return math.inf
 
 
-def epsilon_by_accountant(history: History, delta: float, accountants: tuple[str, ...] = ACCOUNTANTS) -> dict[str, float]:
+def epsilon_by_accountant(
+    history: History, delta: float, accountants: tuple[str, ...] = ACCOUNTANTS
+) -> dict[str, float]:
     """The epsilon each of `accountants` gives for the same history."""
     return {accountant: epsilon_of(history, delta, accountant) for accountant in accountants}
 
@@ -128,13 +130,21 @@ def calibrate_noise_multiplier(
         )
     # the smallest sigma found that meets the target, within `tolerance` of it in epsilon
     _, sigma = narrow(
-        too_little, *bracketed, done=lambda low, high: target_epsilon - spent(high) <= tolerance or high - low <= 1e-6 * high
+        too_little,
+        *bracketed,
+        done=lambda low, high: target_epsilon - spent(high) <= tolerance or high - low <= 1e-6 * high,
     )
     return sigma
 
 
 def steps_within_budget(
-    target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, steps: int, accountant: str, history: History
+    target_epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    history: History,
 ) -> int:
     """The most steps, up to `steps`, that can follow `history` at (noise multiplier, sample
     rate) without epsilon exceeding `target_epsilon`."""
@@ -154,7 +164,9 @@ class PrivacyLedger:
     """A run's noisy steps at (noise multiplier, sample rate), the epsilon they spend under
     `accountant` at `delta`, and the budget `target_epsilon` (None: no budget)."""
 
-    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float, accountant: str, target_epsilon: float | None):
+    def __init__(
+        self, noise_multiplier: float, sample_rate: float, delta: float, accountant: str, target_epsilon: float | None
+    ):
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self.delta = delta
@@ -194,7 +206,13 @@ class PrivacyLedger:
         if self.target_epsilon is None:
             return remaining_steps
         allowed = steps_within_budget(
-            self.target_epsilon, self.delta, self.noise_multiplier, self.sample_rate, remaining_steps, self.accountant, self.history
+            self.target_epsilon,
+            self.delta,
+            self.noise_multiplier,
+            self.sample_rate,
+            remaining_steps,
+            self.accountant,
+            self.history,
         )
         self.step_limit = self.steps + allowed
         return allowed
@@ -217,5 +235,7 @@ class PrivacyLedger:
             "target_epsilon": self.target_epsilon,
             "epsilon_by_accountant": epsilon_by_accountant(self.history, self.delta),
             "epsilon_estimates": epsilon_by_accountant(self.history, self.delta, ESTIMATES),
-            "epsilon_estimates_note": "not upper bounds: gdp is a central-limit approximation and may lie below the epsilon spent",
+            "epsilon_estimates_note": (
+                "not upper bounds: gdp is a central-limit approximation and may lie below the epsilon spent"
+            ),
         }

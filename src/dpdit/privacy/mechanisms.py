@@ -47,7 +47,9 @@ PerImageLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VANILLA = "vanilla"
 
 
-def with_placeholder_if_empty(images: torch.Tensor, labels: torch.Tensor, null_class: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def with_placeholder_if_empty(
+    images: torch.Tensor, labels: torch.Tensor, null_class: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Poisson sampling can draw an empty batch; the step must still add its noise and be
     accounted. Opacus cannot run an empty batch, so one zero-weighted placeholder image
     (data-independent, contributing exactly nothing) goes through instead. Returns the
@@ -72,7 +74,12 @@ class Mechanism(ABC):
     noise_multiplicity: int = 1
 
     def attach(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, losses: PerImageLosses, backward: Backward, world_size: int = 1
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        losses: PerImageLosses,
+        backward: Backward,
+        world_size: int = 1,
     ) -> torch.optim.Optimizer:
         """Bind the step to `model`, its per-row `losses` (images, labels -> [rows]) and its
         `backward` (Lightning's `manual_backward`); returns the optimizer to train with, which
@@ -80,7 +87,9 @@ class Mechanism(ABC):
         self.model, self.losses, self.backward = model, losses, backward
         return self.prepare_optimizer(optimizer, world_size)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, optimizer, micro_batch_size: int) -> dict[str, torch.Tensor]:
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, optimizer, micro_batch_size: int
+    ) -> dict[str, torch.Tensor]:
         """One logical batch, as micro-batches of `micro_batch_size` images, stepping
         `optimizer` (Lightning's wrapper of the one `attach` returned); returns the step's sums
         over images (`loss`, `images`, ...), to be added over ranks."""
@@ -242,7 +251,9 @@ def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_o
             for p in params:
                 _check_processed_flag(p.summed_grad)
             if getattr(self, "rank", 0) == 0 and self.noise_multiplier > 0:
-                randomness.add_gaussian_noise(step_of(), [p.summed_grad for p in params], self.noise_multiplier * self.max_grad_norm)
+                randomness.add_gaussian_noise(
+                    step_of(), [p.summed_grad for p in params], self.noise_multiplier * self.max_grad_norm
+                )
             for p in params:
                 p.grad = p.summed_grad.view_as(p)
                 _mark_as_processed(p.summed_grad)
@@ -285,7 +296,9 @@ class DPSGD(Mechanism):
         self.expected_batch_size = sample_rate * dataset_size
         self.noise_multiplier = noise_multiplier
         self.noise_multiplicity = config.noise_multiplicity
-        self.ledger = PrivacyLedger(noise_multiplier, sample_rate, config.delta, config.accountant, config.target_epsilon)
+        self.ledger = PrivacyLedger(
+            noise_multiplier, sample_rate, config.delta, config.accountant, config.target_epsilon
+        )
         self.ledger.history = [tuple(entry) for entry in history]
         self.init_checkpoint = init_checkpoint
         self.clipper = None
@@ -295,8 +308,12 @@ class DPSGD(Mechanism):
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
         """Attach the clipping mode to the model and wrap `optimizer` in the Opacus optimizer
         it steps with; with `world_size` ranks, that adds noise on rank 0 and sums over ranks."""
-        self.clipper = self.clipping.attach(self.model, self.config.max_grad_norm, self.noise_multiplicity, self.backward)
-        optimizer_class = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode=self.clipping.optimizer)
+        self.clipper = self.clipping.attach(
+            self.model, self.config.max_grad_norm, self.noise_multiplicity, self.backward
+        )
+        optimizer_class = get_optimizer_class(
+            clipping="flat", distributed=world_size > 1, grad_sample_mode=self.clipping.optimizer
+        )
         # the noise of the step about to be accounted: its index in the history
         self.optimizer = with_noise_from(optimizer_class, self.randomness, lambda: self.steps)(
             optimizer,
@@ -341,11 +358,13 @@ class DPSGD(Mechanism):
         """Epsilon so far and the mechanism's settings, and, as non-private diagnostics, the
         share of per-sample gradients clipped and their mean norm."""
         values = {"privacy/epsilon": self.epsilon} if self.ledger.epsilon_due(last) else {}
-        values.update({
-            "privacy/noise_multiplier": self.noise_multiplier,
-            "privacy/sample_rate": self.sample_rate,
-            "privacy/max_grad_norm": self.config.max_grad_norm,
-        })
+        values.update(
+            {
+                "privacy/noise_multiplier": self.noise_multiplier,
+                "privacy/sample_rate": self.sample_rate,
+                "privacy/max_grad_norm": self.config.max_grad_norm,
+            }
+        )
         if sums["images"] > 0:
             values["nonprivate/clipped_fraction"] = sums["clipped"] / sums["images"]
             values["nonprivate/grad_norm_mean"] = sums["norms"] / sums["images"]

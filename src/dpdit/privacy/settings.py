@@ -12,6 +12,7 @@ from opacus.validators import ModuleValidator
 
 from dpdit.privacy.accounting import ACCOUNTANTS, ESTIMATES
 from dpdit.privacy.clipping import CLIPPING, clipping_mode
+
 # What an init_ckpt_path checkpoint was trained on: this run's data (its privacy history
 # counts towards this run's epsilon) or data disjoint from it (its history does not).
 INIT_DATA = ("same", "disjoint")
@@ -48,7 +49,9 @@ class PrivacyConfig:
                 "prv or rdp; the report shows gdp's estimate beside them"
             )
         if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"privacy.accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
+            raise ValueError(
+                f"privacy.accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}"
+            )
         clipping_mode(self.clipping)
         if self.max_grad_norm is None or self.max_grad_norm <= 0:
             raise ValueError(f"privacy.max_grad_norm={self.max_grad_norm} must be a positive clipping bound")
@@ -123,7 +126,8 @@ def check_parameters_held(model: torch.nn.Module, optimizer: torch.optim.Optimiz
         if held != trainable.keys():
             missing = sorted(name for key, name in trainable.items() if key not in held)
             raise RuntimeError(
-                f"{holder} does not hold the model's trainable parameters ({', '.join(missing[:3]) or 'it holds others'}): "
+                f"{holder} does not hold the model's trainable parameters "
+                f"({', '.join(missing[:3]) or 'it holds others'}): "
                 "they were replaced after it was made, so training would never change them. Put the "
                 "model on its device, out of the meta device and with its adapters before training starts"
             )

@@ -5,10 +5,24 @@ below; `privacy.clipping`, the DP step, the settings' checks, the memory refusal
 `dpdit.inspect` then know it.
 """
 
-from dpdit.privacy.clipping.base import FUNCTORCH, GHOST_NORM, HOOK, OWN_GRADIENT, Call, Clipper, ClippingMode, TracedLayer
-from dpdit.privacy.clipping.registry import CLIPPING, CLIPPING_MODES, clipping_mode, clipping_path, register_clipping_mode
-
-from dpdit.privacy.clipping import hooks, ghost, functorch, bookkeeping  # noqa: E402,F401  registers them, in this order
+from dpdit.privacy.clipping import bookkeeping, functorch, ghost, hooks  # noqa: E402,F401  registers them, in this order
+from dpdit.privacy.clipping.base import (
+    FUNCTORCH,
+    GHOST_NORM,
+    HOOK,
+    OWN_GRADIENT,
+    Call,
+    Clipper,
+    ClippingMode,
+    TracedLayer,
+)
+from dpdit.privacy.clipping.registry import (
+    CLIPPING,
+    CLIPPING_MODES,
+    clipping_mode,
+    clipping_path,
+    register_clipping_mode,
+)
 
 __all__ = [
     "CLIPPING",

@@ -1,6 +1,6 @@
-"""`privacy.clipping=bookkeeping`: book-keeping clipping (Bu, Wang, Zha and Karypis, "Differentially Private Optimization
-on Large Model at Small Cost", ICML 2023): every image's whole gradient clipped with one
-backward pass.
+"""`privacy.clipping=bookkeeping`: book-keeping clipping (Bu, Wang, Zha and Karypis,
+"Differentially Private Optimization on Large Model at Small Cost", ICML 2023): every
+image's whole gradient clipped with one backward pass.
 
 The forward pass keeps each trainable layer's inputs (activations a) and the place of its
 output in the autograd graph. One `torch.autograd.grad` call then gives the gradients of
@@ -150,7 +150,9 @@ class BookKeeping(Clipper):
         # the output's place in the graph, not the output: it is freed as the backward pass goes
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             inputs = tuple(x.detach() for x in inputs if isinstance(x, torch.Tensor))
-            self.kept[layer].append((inputs, get_gradient_edge(output), KeptOutput(output.shape, output.dtype, output.device)))
+            self.kept[layer].append(
+                (inputs, get_gradient_edge(output), KeptOutput(output.shape, output.dtype, output.device))
+            )
 
     def remove_hooks(self) -> None:
         for handle in self.handles:
@@ -177,7 +179,9 @@ class BookKeeping(Clipper):
                 sums = part.clipped_sums(factors) if part is not None else {}
                 for parameter in trainable_parameters(layer):
                     # a layer the forward pass did not call has no gradient
-                    parameter.grad = sums[parameter].to(parameter.dtype) if parameter in sums else torch.zeros_like(parameter)
+                    parameter.grad = (
+                        sums[parameter].to(parameter.dtype) if parameter in sums else torch.zeros_like(parameter)
+                    )
         return norms
 
     def per_image_part(self, layer: nn.Module, calls: list, images: int):
@@ -191,7 +195,11 @@ class BookKeeping(Clipper):
             if bookkeeping_path(layer, a.shape[1]) == OWN_GRADIENT:
                 return GradientPart(compute_linear_grad_sample(layer, [a], g))
             return LinearGhostPart(layer, a, g)
-        sampler = ft_compute_per_sample_gradient if bookkeeping_path(layer, 1) == FUNCTORCH else GradSampleHooks.GRAD_SAMPLERS[type(layer)]
+        sampler = (
+            ft_compute_per_sample_gradient
+            if bookkeeping_path(layer, 1) == FUNCTORCH
+            else GradSampleHooks.GRAD_SAMPLERS[type(layer)]
+        )
         gradients: dict[nn.Parameter, torch.Tensor] = {}
         for inputs, g in calls:
             for parameter, per_row in sampler(layer, [widened(x) for x in inputs], widened(g)).items():

@@ -48,7 +48,9 @@ class Hooks(ClippingMode):
     functorch_only = False
 
     def attach(self, model: nn.Module, max_grad_norm: float, draws: int, backward: Backward) -> Clipper:
-        return PerSampleGradients(attach_opacus_hooks(model, "hooks", force_functorch=self.functorch_only), draws, backward)
+        return PerSampleGradients(
+            attach_opacus_hooks(model, "hooks", force_functorch=self.functorch_only), draws, backward
+        )
 
     def path(self, layer: nn.Module, tokens: int = 1) -> str:
         return HOOK if not self.functorch_only and type(layer) in GradSampleHooks.GRAD_SAMPLERS else FUNCTORCH
