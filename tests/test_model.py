@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from dpdit.cli import CONFIG_DIR
+from dpdit.cli import CONFIG_DIR, compose_config
 from dpdit.export import why_not_exportable
 from dpdit.models import DiT, get_2d_sincos_pos_embed, patchify, unpatchify
 from dpdit.models.dit import OutputConv
@@ -124,7 +123,7 @@ def test_paper_parameter_counts(size, patch_size):
 @pytest.mark.parametrize("path", sorted(MODEL_CONFIGS.glob("dit_*.yaml")), ids=lambda p: p.stem)
 def test_configs_instantiate(path):
     data = {"image_size": 32, "channels": 4, "num_classes": 10}
-    cfg = OmegaConf.create({"data": data, "model": OmegaConf.load(path)})
+    cfg = compose_config("train", ["prior=none", f"model={path.stem}", *[f"data.{k}={v}" for k, v in data.items()]])
     with torch.device("meta"):
         model = instantiate(cfg.model)
     assert isinstance(model, DiT)

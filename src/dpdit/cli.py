@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
@@ -39,6 +40,14 @@ Result = TypeVar("Result")
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and the fix."""
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The config `name` (train, evaluate) with `overrides`, inside a running Hydra app or outside one."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=name, overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
 
 
 @contextmanager

@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from filelock import FileLock
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpdit.checkpoints import last_checkpoint
-from dpdit.cli import CONFIG_DIR
+from dpdit.cli import compose_config
 from dpdit.files import write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -54,14 +52,6 @@ TRAINER_NOT_SHAPING_WEIGHTS = (
 # noise schedule the model learns to invert (it suits the image size), and how digits sit in
 # their images (font digits framed like the private digits)
 IMAGE_SETTINGS = ("image_size", "channels", "num_classes", "noise_schedule_end", "framing")
-
-
-def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """The config `name` (train, evaluate) with `overrides`, inside a running Hydra app or outside one."""
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name=name, overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def has_public_prior(cfg: DictConfig) -> bool:

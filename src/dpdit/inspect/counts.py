@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from dpdit.cli import CONFIG_DIR
+from dpdit.cli import compose_config
 from dpdit.inspect.tracing import build_model, example_inputs, trace
 from dpdit.models import PretrainedDiT
 from dpdit.models.finetune import PRETRAINED_RULES, trained_weight_count
@@ -164,10 +164,9 @@ def finetune_choices(model: PretrainedDiT) -> list[dict[str, Any]]:
 
 
 def paper_model_config(name: str) -> DictConfig:
-    """configs/model/<name>.yaml composed with the paper's data and learned sigma."""
-    root = OmegaConf.create({"data": PAPER_DATA, "model": OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")})
-    root.model.learn_sigma = True
-    return root.model
+    """`model=<name>` composed with the paper's data and learned sigma."""
+    data = [f"data.{key}={value}" for key, value in PAPER_DATA.items()]
+    return compose_config("train", ["prior=none", f"model={name}", "model.learn_sigma=true", *data]).model
 
 
 def paper_sizes() -> list[dict[str, Any]]:
