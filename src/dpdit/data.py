@@ -193,9 +193,7 @@ class ImageDataModule(L.LightningDataModule):
     (the sampling DP-SGD's accounting assumes); otherwise batches are random and of fixed
     size, drawn from `randomness` (default: a secret key with Poisson sampling, a fixed one
     without). See `LogicalBatchSampler` for how ranks share a batch and how resumes continue.
-    `noise_schedule_end` is the end of the linear noise schedule that suits these images
-    (smaller images are destroyed by less noise); the diffusion config reads it. `framing`
-    is how font digits sit in their images (the private digits' way, for a public stand-in).
+    `framing` is how font digits sit in their images (the private digits' way, for a public stand-in).
 
     With a `vae` the dataset holds the VAE latents of the images instead (and of their
     mirrors when `hflip`), encoded once into `latent_cache_dir` (default: beside
@@ -217,7 +215,6 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         poisson_sampling: bool = True,
         randomness: PrivateRandomness | None = None,
-        noise_schedule_end: float = 0.02,
         vae: FrozenVAE | None = None,
         latent_cache_dir: str | None = None,
         test_root: str | None = None,
@@ -237,7 +234,6 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.poisson_sampling = poisson_sampling
         self.randomness = randomness or PrivateRandomness.create(secret=poisson_sampling)
-        self.noise_schedule_end = noise_schedule_end
         self.vae = vae
         self.test_root = test_root
         self.framing = framing

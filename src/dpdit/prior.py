@@ -48,10 +48,10 @@ TRAINER_NOT_SHAPING_WEIGHTS = (
     "enable_model_summary",
     "log_every_n_steps",
 )
-# What the public stage copies from the private run's data: the image shape, the classes, the
-# noise schedule the model learns to invert (it suits the image size), and how digits sit in
-# their images (font digits framed like the private digits)
-IMAGE_SETTINGS = ("image_size", "channels", "num_classes", "noise_schedule_end", "framing")
+# What the public stage copies from the private run's data: the image shape, the classes and
+# how digits sit in their images (font digits framed like the private digits); it copies the
+# whole diffusion node too (the loss and the noise schedule the weights learn to invert)
+IMAGE_SETTINGS = ("image_size", "channels", "num_classes", "framing")
 
 
 def has_public_prior(cfg: DictConfig) -> bool:
