@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import singledispatch
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import lightning as L
 import torch
@@ -25,20 +26,18 @@ from dpdit.distributed import DPDDPStrategy
 from dpdit.files import write_text_atomically
 from dpdit.memory import check_memory_fits
 from dpdit.module import DiffusionModule
-from dpdit.prior import has_public_prior, prepare_prior, start_from_prior, uses_pretrained_model
+from dpdit.prior import has_public_prior, prepare_prior, settings_line, start_from_prior, uses_pretrained_model
 from dpdit.privacy import (
     DPSGD,
     History,
     Mechanism,
     NonPrivate,
+    NonPrivateConfig,
     PrivacyConfig,
     calibrate_noise_multiplier,
-    check_model_is_private,
-    check_precision,
     check_resumable,
     steps_of,
 )
-from dpdit.randomness import PrivateRandomness
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +103,6 @@ def save_run_config(resolved: dict[str, Any], output_dir: str, resumed_step: int
     write_text_atomically(path, text)
 
 
-def run_randomness(config: PrivacyConfig, seed: int) -> PrivateRandomness:
-    """Where a new run's batches and noise come from: a secret key under DP with
-    `privacy.secure_mode` (a resumed run then takes its checkpoint's), the seed otherwise."""
-    if config.enabled and not config.secure_mode:
-        log.warning(
-            "privacy.secure_mode=false: batch membership and noise are derived from seed=%d; anyone "
-            "with the config can regenerate the noise, so this run is not a private release",
-            seed,
-        )
-    return PrivateRandomness.create(secret=config.enabled and config.secure_mode, seed=seed)
-
-
 def check_output_directory(output_dir: str, ckpt_path: str | None) -> None:
     last = last_checkpoint(output_dir)
     if last.exists() and (ckpt_path is None or Path(ckpt_path).resolve() != last.resolve()):
@@ -156,29 +143,51 @@ def check_own_data(data: DictConfig, privacy_config: PrivacyConfig) -> None:
     privacy_config.validate(images.dataset_size)
 
 
-def make_mechanism(
-    config: PrivacyConfig,
-    datamodule: ImageDataModule,
-    max_steps: int,
-    resumed: dict[str, Any] | None = None,
-    inherited: History = (),
-    init_checkpoint: dict[str, Any] | None = None,
-) -> Mechanism:
-    """The run's privacy mechanism, continuing the `resumed` checkpoint's accountant and secret
-    key, or starting from an `inherited` history (an earlier run on the same data, described
-    by `init_checkpoint`) with the datamodule's randomness. A resumed run keeps its noise
-    multiplier; a new one calibrates sigma so that the history plus `max_steps` steps spend
-    the target. Either way the run stops before a step would exceed the target, and a run
-    the target allows no step is refused."""
-    if not config.enabled:
-        privacy = NonPrivate(datamodule.batch_size)
-        if resumed is not None:
-            privacy.load_state_dict(privacy_state(resumed))
-        return privacy
+class RunStart(NamedTuple):
+    """Where a new run's weights come from: the public `prior`'s record (its DiTPipeline for a
+    `pretrained` diffusers DiT, else its checkpoint), or the `checkpoint` read from
+    init_ckpt_path `path`; neither for a run from scratch or a resume."""
+
+    prior: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+    path: str | None = None
+    pretrained: bool = False
+
+
+@singledispatch
+def make_mechanism(config, datamodule: ImageDataModule, max_steps: int, resumed=None, start=RunStart()) -> Mechanism:
+    """The run's mechanism, by the privacy node's settings class (`privacy=dp` or `none`),
+    continuing the `resumed` checkpoint's state or starting at `start`."""
+    raise TypeError(f"no privacy mechanism for {type(config).__name__}")
+
+
+@make_mechanism.register
+def _without_privacy(
+    config: NonPrivateConfig, datamodule: ImageDataModule, max_steps: int, resumed=None, start=RunStart()
+) -> NonPrivate:
+    """Training without privacy; resuming a DP checkpoint is refused (its spend would be dropped)."""
+    config.validate(datamodule.dataset_size)
+    privacy = NonPrivate(datamodule.batch_size)
+    if resumed is not None:
+        privacy.load_state_dict(privacy_state(resumed))
+    return privacy
+
+
+@make_mechanism.register
+def _dp_sgd(
+    config: PrivacyConfig, datamodule: ImageDataModule, max_steps: int, resumed=None, start=RunStart()
+) -> DPSGD:
+    """DP-SGD, continuing the `resumed` checkpoint's accountant and secret key, or starting
+    from the history of init_ckpt_path when it was trained on the same data, with the
+    datamodule's randomness. A resumed run keeps its noise multiplier; a new one calibrates
+    sigma so that the history plus `max_steps` steps spend the target. Either way the run
+    stops before a step would exceed the target, and a run the target allows no step is
+    refused."""
     config.validate(datamodule.dataset_size)
     if max_steps is None or max_steps <= 0:
         raise ValueError("privacy=dp needs trainer.max_steps > 0: the noise is calibrated for it")
-    state = privacy_state(resumed) if resumed is not None else {"history": list(inherited)}
+    inherited = inherited_history(config, start.checkpoint, start.path) if start.checkpoint is not None else []
+    state = privacy_state(resumed) if resumed is not None else {"history": inherited}
     if resumed is not None:
         check_resumable(state)
     history = [tuple(entry) for entry in state.get("history", [])]
@@ -189,7 +198,13 @@ def make_mechanism(
             config.target_epsilon, config.delta, datamodule.sample_rate, remaining, config.accountant, history
         )
     privacy = DPSGD(
-        config, datamodule.sample_rate, datamodule.dataset_size, sigma, datamodule.randomness, history, init_checkpoint
+        config,
+        datamodule.sample_rate,
+        datamodule.dataset_size,
+        sigma,
+        datamodule.randomness,
+        history,
+        init_checkpoint=starting_point(config, start, inherited),
     )
     if resumed is not None:
         privacy.load_state_dict(state)
@@ -214,16 +229,14 @@ def make_mechanism(
     return privacy
 
 
-def starting_point(
-    cfg: DictConfig, config: PrivacyConfig, prior: dict[str, Any] | None, inherited: History
-) -> dict[str, Any] | None:
+def starting_point(config: PrivacyConfig, start: RunStart, inherited: History) -> dict[str, Any] | None:
     """Where a new DP run starts from, for its report: the public prior (its spend does not
-    count), or `init_ckpt_path` with what of its history counts."""
-    if prior is not None:
-        path = prior["pipeline"] if uses_pretrained_model(cfg) else prior["checkpoint"]
-        return {"path": path, "data": "disjoint", "steps_counted": 0, "public_prior": prior}
-    if cfg.init_ckpt_path is not None:
-        return {"path": str(cfg.init_ckpt_path), "data": config.init_data, "steps_counted": steps_of(inherited)}
+    count), or init_ckpt_path with what of its history counts."""
+    if start.prior is not None:
+        path = start.prior["pipeline"] if start.pretrained else start.prior["checkpoint"]
+        return {"path": path, "data": "disjoint", "steps_counted": 0, "public_prior": start.prior}
+    if start.path is not None:
+        return {"path": str(start.path), "data": config.init_data, "steps_counted": steps_of(inherited)}
     return None
 
 
@@ -271,14 +284,15 @@ def setup(
 
 def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionModule, ImageDataModule]:
     check_output_directory(cfg.paths.output_dir, cfg.ckpt_path)
+    if cfg.get("prior") is not None:
+        log.info(settings_line(cfg))
     if cfg.ckpt_path is not None and cfg.init_ckpt_path is not None:
         raise ValueError(
             "ckpt_path and init_ckpt_path are both set: ckpt_path resumes a run, "
             "init_ckpt_path starts a new one from another run's weights; give one"
         )
-    privacy_config: PrivacyConfig = instantiate(cfg.privacy)
-    if privacy_config.enabled:
-        check_precision(cfg.trainer.precision, privacy_config.clipping)
+    privacy_config: PrivacyConfig | NonPrivateConfig = instantiate(cfg.privacy)
+    privacy_config.check_precision(cfg.trainer.precision)
     # A new run (not a resume, not from a given checkpoint) starts from the public prior.
     prior = None
     if has_public_prior(cfg) and cfg.ckpt_path is None and cfg.init_ckpt_path is None:
@@ -298,20 +312,16 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
         initialise_from(model, initial, cfg.init_ckpt_path)
     datamodule: ImageDataModule = instantiate(
         cfg.data,
-        poisson_sampling=privacy_config.enabled,
-        randomness=run_randomness(privacy_config, cfg.seed),
+        poisson_sampling=privacy_config.poisson_sampling,
+        randomness=privacy_config.randomness(cfg.seed),
         vae=model.vae,
     )
     datamodule.setup("fit")
     check_batches(datamodule)
     check_data_matches_model(datamodule, model)
-    inherited = (
-        inherited_history(privacy_config, initial, cfg.init_ckpt_path) if initial and privacy_config.enabled else []
-    )
-    start = starting_point(cfg, privacy_config, prior, inherited)
-    privacy = make_mechanism(privacy_config, datamodule, cfg.trainer.max_steps, resumed, inherited, start)
-    if privacy.enabled:
-        check_model_is_private(model, privacy_config.clipping)
+    start = RunStart(prior, initial, cfg.init_ckpt_path, uses_pretrained_model(cfg))
+    privacy = make_mechanism(privacy_config, datamodule, cfg.trainer.max_steps, resumed, start)
+    privacy_config.check_model(model)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     module = make_module(cfg, model, privacy, datamodule.physical_batch_size, config=resolved)
@@ -320,7 +330,7 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
     trainer = make_trainer(cfg.trainer, callbacks, loggers)
     check_memory_fits(
         model,
-        privacy_config.clipping if privacy.enabled else None,
+        privacy_config.clipping,
         datamodule.physical_batch_size,
         privacy.noise_multiplicity,
         trainer.strategy.root_device,

@@ -63,6 +63,18 @@ def uses_pretrained_model(cfg: DictConfig) -> bool:
     return bool(cfg.model.get("pretrained", False))
 
 
+def settings_line(cfg: DictConfig) -> str:
+    """The fine-tuning settings the `prior` node names (`prior.settings`), with the values this
+    run uses (the prior's, or an experiment's or the command line's where they override it)."""
+    settings = cfg.prior.get("settings", [])
+    keys = [key for key in settings if OmegaConf.select(cfg, key, default=KeyError) is not KeyError]
+    values = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in keys)
+    if has_public_prior(cfg):
+        named = ", ".join(keys)
+        return f"the public prior ({cfg.prior.experiment}) sets {named} unless overridden; this run uses {values}"
+    return f"prior=none: from the model's initial weights or init_ckpt_path, with {values}"
+
+
 def check_prior_settings(cfg: DictConfig) -> None:
     """Fail, before any training, where the public prior cannot serve this run."""
     prior = cfg.prior
@@ -72,7 +84,8 @@ def check_prior_settings(cfg: DictConfig) -> None:
             f"data={cfg.data.dataset}: train from scratch with prior=none, or give a public stage of "
             "your own (prior.experiment=<an experiment on public data>, prior.datasets=[...])"
         )
-    if cfg.privacy.enabled and cfg.privacy.init_data != "disjoint":
+    # privacy=none has no history to count, hence no init_data
+    if cfg.privacy.get("init_data", "disjoint") != "disjoint":
         raise ValueError(
             f"privacy.init_data={cfg.privacy.init_data} with prior={prior.experiment}: the public prior never "
             "saw this run's data, so its training is not counted; leave privacy.init_data=disjoint"

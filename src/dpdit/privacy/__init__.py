@@ -24,6 +24,7 @@ from dpdit.privacy.clipping import CLIPPING, CLIPPING_MODES, clipping_mode, clip
 from dpdit.privacy.clipping.base import gram_matrices_outweigh_gradient
 from dpdit.privacy.mechanisms import DPSGD, VANILLA, Mechanism, NonPrivate
 from dpdit.privacy.settings import (
+    NonPrivateConfig,
     PrivacyConfig,
     check_model_is_private,
     check_noise_multiplicity,
@@ -41,6 +42,7 @@ __all__ = [
     "History",
     "Mechanism",
     "NonPrivate",
+    "NonPrivateConfig",
     "PrivacyConfig",
     "PrivacyLedger",
     "VANILLA",

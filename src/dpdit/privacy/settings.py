@@ -1,17 +1,26 @@
 """The `privacy` settings and every check that refuses a run before it starts: unknown or
 out-of-range settings, precisions and models under which a DP step is not exact, and
-checkpoints whose privacy history cannot be continued."""
+checkpoints whose privacy history cannot be continued.
+
+Each `privacy` node builds its own settings class: `privacy=dp` a `PrivacyConfig` (DP-SGD),
+`privacy=none` a `NonPrivateConfig` (the non-private baseline). Both answer what building a
+run asks of them (`poisson_sampling`, `clipping`, `randomness`, the checks), so the run is
+built one way for both; `enabled` names which in the resolved config and on dashboards."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 from opacus.validators import ModuleValidator
 
 from dpdit.privacy.accounting import ACCOUNTANTS, ESTIMATES
 from dpdit.privacy.clipping import CLIPPING, clipping_mode
+from dpdit.randomness import PrivateRandomness
+
+log = logging.getLogger(__name__)
 
 # What an init_ckpt_path checkpoint was trained on: this run's data (its privacy history
 # counts towards this run's epsilon) or data disjoint from it (its history does not).
@@ -22,10 +31,53 @@ INIT_DATA = ("same", "disjoint")
 DP_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 
 
+def check_enabled(enabled: bool, expected: bool) -> None:
+    if enabled != expected:
+        node = "dp" if enabled else "none"
+        raise ValueError(f"privacy.enabled={str(enabled).lower()} contradicts the privacy node: choose privacy={node}")
+
+
+class NonPrivateConfig:
+    """`privacy=none`: training without privacy, with the same model, loss and micro-batches,
+    no clipping, noise or accounting. Its batches are shuffled, of fixed size, from the seed.
+
+    A prior or an experiment may set DP-SGD's settings for its DP fine-tuning (the default
+    prior sets privacy.max_grad_norm and init_data); without privacy they act on nothing, and
+    the run's log says so. A name DP-SGD does not know is refused."""
+
+    poisson_sampling: ClassVar[bool] = False
+    clipping: ClassVar[None] = None
+
+    def __init__(self, enabled: bool = False, **dp_settings: Any):
+        self.enabled = enabled
+        self.unused = dp_settings
+
+    def validate(self, dataset_size: int) -> None:
+        check_enabled(self.enabled, False)
+        known = {field.name for field in fields(PrivacyConfig)}
+        for name in self.unused:
+            if name not in known:
+                raise ValueError(
+                    f"privacy.{name} is not a setting: privacy=none takes none, privacy=dp takes {sorted(known)}"
+                )
+        if self.unused:
+            log.info("privacy=none: %s (DP-SGD's) act on nothing", ", ".join(f"privacy.{name}" for name in self.unused))
+
+    def check_precision(self, precision: str) -> None:
+        """Any precision Lightning runs."""
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Any model: no per-sample gradients are needed."""
+
+    def randomness(self, seed: int) -> PrivateRandomness:
+        return PrivateRandomness.create(secret=False, seed=seed)
+
+
 @dataclass
 class PrivacyConfig:
-    """The `privacy` config group. `noise_multiplier: null` calibrates it to the target."""
+    """`privacy=dp`: DP-SGD's settings. `noise_multiplier: null` calibrates it to the target."""
 
+    poisson_sampling: ClassVar[bool] = True
     enabled: bool = True
     target_epsilon: float | None = 10.0
     delta: float = 1e-5
@@ -39,8 +91,7 @@ class PrivacyConfig:
 
     def validate(self, dataset_size: int) -> None:
         """Raise a ValueError naming the setting for every invalid choice."""
-        if not self.enabled:
-            return
+        check_enabled(self.enabled, True)
         if self.accountant in ESTIMATES:
             raise ValueError(
                 f"privacy.accountant={self.accountant} is a central-limit approximation, not an upper "
@@ -71,6 +122,23 @@ class PrivacyConfig:
         if self.init_data not in INIT_DATA:
             raise ValueError(f"privacy.init_data={self.init_data!r} is unknown: choose one of {', '.join(INIT_DATA)}")
         check_noise_multiplicity(self.noise_multiplicity)
+
+    def check_precision(self, precision: str) -> None:
+        check_precision(precision, self.clipping)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        check_model_is_private(model, self.clipping)
+
+    def randomness(self, seed: int) -> PrivateRandomness:
+        """Where a new run's batches and noise come from: a secret key with `secure_mode` (a
+        resumed run then takes its checkpoint's), the seed otherwise."""
+        if not self.secure_mode:
+            log.warning(
+                "privacy.secure_mode=false: batch membership and noise are derived from seed=%d; anyone "
+                "with the config can regenerate the noise, so this run is not a private release",
+                seed,
+            )
+        return PrivateRandomness.create(secret=self.secure_mode, seed=seed)
 
 
 def check_noise_multiplicity(draws: Any) -> None:

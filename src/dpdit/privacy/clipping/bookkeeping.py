@@ -53,7 +53,6 @@ from dpdit.privacy.clipping.base import (
     trainable_parameters,
     widened,
 )
-from dpdit.privacy.clipping.registry import register_clipping_mode
 from dpdit.units import size
 
 
@@ -93,7 +92,6 @@ def bookkeeping_path(layer: nn.Module, tokens: int = 1) -> str:
     return HOOK if type(layer) in GradSampleHooks.GRAD_SAMPLERS else FUNCTORCH
 
 
-@register_clipping_mode
 class BookKeepingMode(ClippingMode):
     name = "bookkeeping"
     # the one backward pass leaves the clipped sum in `.grad`, as ghost clipping's second does

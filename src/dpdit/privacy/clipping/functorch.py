@@ -4,10 +4,8 @@ functorch's vmap, Opacus' samplers set aside."""
 from __future__ import annotations
 
 from dpdit.privacy.clipping.hooks import Hooks
-from dpdit.privacy.clipping.registry import register_clipping_mode
 
 
-@register_clipping_mode
 class Functorch(Hooks):
     name = "functorch"
     functorch_only = True

@@ -29,7 +29,6 @@ from dpdit.privacy.clipping.base import (
     per_image_norm_bytes,
 )
 from dpdit.privacy.clipping.opacus_hooks import attach_opacus_hooks
-from dpdit.privacy.clipping.registry import register_clipping_mode
 from dpdit.units import size
 
 HOOKS = get_hooks_class("ghost")
@@ -49,7 +48,6 @@ class GhostClipping(Clipper):
         return self.hooks.per_sample_gradient_norms
 
 
-@register_clipping_mode
 class Ghost(ClippingMode):
     name = "ghost"
     optimizer = "ghost"

@@ -21,7 +21,6 @@ from dpdit.privacy.clipping.base import (
     trained_bytes,
 )
 from dpdit.privacy.clipping.opacus_hooks import attach_opacus_hooks
-from dpdit.privacy.clipping.registry import register_clipping_mode
 from dpdit.units import size
 
 
@@ -40,7 +39,6 @@ class PerSampleGradients(Clipper):
         return torch.stack([g.flatten(1).norm(dim=1) for g in optimizer.grad_samples], dim=1).norm(dim=1)
 
 
-@register_clipping_mode
 class Hooks(ClippingMode):
     name = "hooks"
     optimizer = "hooks"

@@ -10,7 +10,7 @@ CLIPPING_MODES = CLIPPING.keys()
 
 
 def register_clipping_mode(mode: type[ClippingMode]) -> type[ClippingMode]:
-    """Class decorator: `privacy.clipping=<mode.name>` selects an instance of `mode`."""
+    """`privacy.clipping=<mode.name>` selects an instance of `mode` from now on."""
     CLIPPING[mode.name] = mode()
     return mode
 
