@@ -95,3 +95,14 @@ def test_the_run_log_says_where_the_fine_tuning_settings_come_from(make_config, 
     with caplog.at_level(logging.INFO, logger="dpdit.build"):
         train(make_config())
     assert any(record.getMessage().startswith("prior=none: ") for record in caplog.records)
+
+
+@pytest.mark.parametrize("command", ["inspect", "profile"])
+def test_commands_that_compare_clipping_modes_refuse_privacy_none(command, make_config):
+    from dpdit.inspect.tracing import check_settings
+    from dpdit.profile import check_profile_settings
+
+    check = {"inspect": check_settings, "profile": check_profile_settings}[command]
+    check(make_config(config_name=command))
+    with pytest.raises(ConfigError, match=f"python -m dpdit.{command} reads DP-SGD's settings.*leave privacy=dp"):
+        check(make_config("privacy=none", config_name=command))

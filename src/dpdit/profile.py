@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.bisection import last_fitting
 from dpdit.build import make_module, make_trainer
-from dpdit.cli import ConfigError, command
+from dpdit.cli import ConfigError, command, settings_checked
 from dpdit.memory import DoesNotFit, check_memory_fits
 from dpdit.module import DiffusionModule
 from dpdit.privacy import (
@@ -48,6 +48,7 @@ from dpdit.privacy import (
     Mechanism,
     NonPrivate,
     PrivacyConfig,
+    check_dp_node,
     check_model_is_private,
     check_precision,
 )
@@ -381,6 +382,8 @@ def find_max_batch(config: dict[str, Any], mode: str) -> dict[str, Any]:
 
 
 def check_profile_settings(cfg: DictConfig) -> None:
+    with settings_checked():
+        check_dp_node(cfg.privacy, "python -m dpdit.profile")
     profile = cfg.profile
     unknown = [mode for mode in profile.modes if mode not in MODES]
     if unknown or not profile.modes:

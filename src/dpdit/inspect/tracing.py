@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpdit.cli import ConfigError, settings_checked
-from dpdit.privacy import check_noise_multiplicity
+from dpdit.privacy import check_dp_node, check_noise_multiplicity
 from dpdit.privacy.clipping import Call
 
 
@@ -23,6 +23,7 @@ def check_settings(cfg: DictConfig) -> None:
             "batch (images per backward pass) the memory estimate is for"
         )
     with settings_checked():
+        check_dp_node(cfg.privacy, "python -m dpdit.inspect")
         check_noise_multiplicity(cfg.privacy.noise_multiplicity)
 
 

@@ -26,6 +26,7 @@ from dpdit.privacy.mechanisms import DPSGD, VANILLA, Mechanism, NonPrivate
 from dpdit.privacy.settings import (
     NonPrivateConfig,
     PrivacyConfig,
+    check_dp_node,
     check_model_is_private,
     check_noise_multiplicity,
     check_parameters_held,
@@ -47,6 +48,7 @@ __all__ = [
     "PrivacyLedger",
     "VANILLA",
     "calibrate_noise_multiplier",
+    "check_dp_node",
     "check_model_is_private",
     "check_noise_multiplicity",
     "check_parameters_held",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
+from hydra.utils import instantiate
 from opacus.validators import ModuleValidator
 
 from dpdit.privacy.accounting import ACCOUNTANTS, ESTIMATES
@@ -139,6 +140,16 @@ class PrivacyConfig:
                 seed,
             )
         return PrivateRandomness.create(secret=self.secure_mode, seed=seed)
+
+
+def check_dp_node(node: Any, command: str) -> None:
+    """Refuse `command`, which compares DP-SGD's clipping modes under the `privacy` node's
+    settings, when the node is `privacy=none` (it has none of them)."""
+    if not isinstance(instantiate(node), PrivacyConfig):
+        raise ValueError(
+            f"{command} reads DP-SGD's settings (privacy.clipping, privacy.noise_multiplicity, ...), which "
+            "privacy=none does not have: leave privacy=dp (the non-private step is its vanilla row)"
+        )
 
 
 def check_noise_multiplicity(draws: Any) -> None:
