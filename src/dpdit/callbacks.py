@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,7 @@ from dpdit.cli import Interrupted
 from dpdit.cluster import Requeued
 from dpdit.export import export_pipeline, why_not_exportable
 from dpdit.files import write_json_atomically
+from dpdit.images import save_grid
 from dpdit.metrics import class_consistency
 from dpdit.sample import generate, save_samples
 
@@ -96,7 +98,17 @@ class PrivacyReport(L.Callback):
 class SampleImages(L.Callback):
     """Generates `num_per_class` images per class with classifier-free guidance from the EMA
     weights at the end of training: `samples.npz` (uint8 images, labels) and `samples.png`.
-    Latent models' samples are decoded to pixels by their VAE."""
+    Latent models' samples are decoded to pixels by their VAE.
+
+    While it trains, every `every_n_steps` steps (null: `progress_grids` grids over the run,
+    none in a run of fewer than `MIN_STEPS_FOR_PROGRESS` steps), a grid of
+    `progress_per_class` images per class at `progress_steps` sampler steps, from the same
+    noise each time so that grids compare over the run: `samples/step_<N>.png`, and
+    `samples/progress` on W&B. The EMA weights are post-processing of the released iterates:
+    the grids cost no privacy. Training's own randomness is reseeded every step, so they
+    change nothing of it."""
+
+    MIN_STEPS_FOR_PROGRESS = 100
 
     def __init__(
         self,
@@ -108,6 +120,10 @@ class SampleImages(L.Callback):
         seed: int = 0,
         batch_size: int = 500,
         grid_per_class: int = 10,
+        every_n_steps: int | None = None,
+        progress_grids: int = 10,
+        progress_per_class: int = 8,
+        progress_steps: int = 20,
     ):
         self.output_dir = Path(output_dir)
         self.num_per_class = num_per_class
@@ -117,25 +133,72 @@ class SampleImages(L.Callback):
         self.seed = seed
         self.batch_size = batch_size
         self.grid_per_class = grid_per_class
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(
+                f"callbacks.sample_images.every_n_steps={every_n_steps} must be at least 1 (null: about "
+                "progress_grids grids over the run)"
+            )
+        self.every_n_steps = every_n_steps
+        self.progress_grids = progress_grids
+        self.progress_per_class = progress_per_class
+        self.progress_steps = progress_steps
+        self.progress_seconds = 0.0
+        self.started = time.perf_counter()
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def interval(self, max_steps: int) -> int | None:
+        """Steps between progress grids in a run of `max_steps` (None: no grid)."""
+        if self.every_n_steps is not None:
+            return self.every_n_steps
+        if max_steps < self.MIN_STEPS_FOR_PROGRESS or self.progress_grids < 1:
+            return None
+        return max(1, max_steps // self.progress_grids)
+
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, per_class: int, steps: int):
         # the data's classes: an audited model also has a class per canary
         num_classes = trainer.datamodule.num_classes
-        labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.num_per_class)
+        labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(per_class)
         images = generate(
             pl_module.ema.module,
             pl_module.diffusion,
             labels,
             self.guidance_scale,
-            self.steps,
+            steps,
             self.scheduler,
             self.seed,
             self.batch_size,
             progress=False,
         )
-        labels = labels.cpu().numpy()
+        return images, labels.cpu().numpy(), num_classes
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        interval = self.interval(trainer.max_steps)
+        step = trainer.global_step
+        if not trainer.is_global_zero or interval is None or step % interval or step >= trainer.max_steps:
+            return
+        start = time.perf_counter()
+        images, labels, num_classes = self.sample(trainer, pl_module, self.progress_per_class, self.progress_steps)
+        (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
+        grid = save_grid(images, self.output_dir / "samples" / f"step_{step}.png", rows=num_classes)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples/progress", [grid], step=step)
+        self.progress_seconds += time.perf_counter() - start
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.progress_seconds:
+            elapsed = time.perf_counter() - self.started
+            log.info(
+                "progress grids: %.1f s of the %.1f s of training (%.1f%%)",
+                self.progress_seconds,
+                elapsed,
+                100 * self.progress_seconds / elapsed,
+            )
+        images, labels, num_classes = self.sample(trainer, pl_module, self.num_per_class, self.steps)
         grid = save_samples(images, labels, self.output_dir, num_classes, self.grid_per_class)
         metrics = {}
         if getattr(trainer.datamodule, "dataset", None) == "digits":
