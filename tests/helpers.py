@@ -135,8 +135,10 @@ def run_step(
     return module, [b - p.detach() for b, p in zip(before, model.parameters())]
 
 
-def dp(clipping, max_grad_norm=1.0, noise_multiplier=0.0, dataset_size=BATCH):
-    config = PrivacyConfig(clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
+def dp(clipping, max_grad_norm=1.0, noise_multiplier=0.0, dataset_size=BATCH, **settings):
+    config = PrivacyConfig(
+        clipping=clipping, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, **settings
+    )
     return DPSGD(config, sample_rate=1.0, dataset_size=dataset_size, noise_multiplier=noise_multiplier)
 
 

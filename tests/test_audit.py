@@ -85,7 +85,7 @@ def test_audit_catches_training_that_adds_no_noise(tmp_path, monkeypatch):
     clipping bound is huge. The audit's lower bound lies far above the claim."""
     from dpdit.randomness import PrivateRandomness
 
-    monkeypatch.setattr(PrivateRandomness, "add_gaussian_noise", lambda self, step, tensors, std: None)
+    monkeypatch.setattr(PrivateRandomness, "add_gaussian_noise", lambda self, step, tensors, std, purpose="noise": None)
     report = audit(tmp_path, "privacy.target_epsilon=0.5", "privacy.max_grad_norm=1e6")
     assert report["claimed_epsilon"] <= 0.5
     assert report["epsilon_lower_bound"] > 3.0

@@ -73,13 +73,14 @@ def test_a_refused_run_writes_nothing(tmp_path):
 
 
 def wait_for_steps(run: Path, process: subprocess.Popen, steps: int, timeout: float = 240.0) -> None:
-    """Wait until the run's CSV log shows `steps` training steps."""
+    """Wait until the run's CSV log shows `steps` training steps (by the learning rate, logged
+    in every privacy.statistics mode)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         for metrics in run.glob("csv/*/metrics.csv"):
             with open(metrics) as file:
-                if sum(1 for row in csv.DictReader(file) if row.get("train/loss")) >= steps:
+                if sum(1 for row in csv.DictReader(file) if row.get("train/lr")) >= steps:
                     return
         time.sleep(0.5)
     raise TimeoutError(f"no {steps} steps in {timeout} s")

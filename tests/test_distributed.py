@@ -155,9 +155,9 @@ def test_ddp_command_reports_what_one_process_reports(tmp_path):
     """`python train.py trainer=ddp trainer.devices=2`: Lightning starts the second rank;
     the report (written once) equals the single process's for the same global batches
     (seeded, so that two separate launches draw the same batches)."""
-    seeded = "privacy.secure_mode=false"
-    single = json.loads((run_train(tmp_path, "single", seeded) / "privacy_report.json").read_text())
-    ddp_dir = run_train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", seeded)
+    seeded = ["privacy.secure_mode=false", "privacy.statistics=nonprivate"]  # the exact batch sizes compared
+    single = json.loads((run_train(tmp_path, "single", *seeded) / "privacy_report.json").read_text())
+    ddp_dir = run_train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", *seeded)
     report = json.loads((ddp_dir / "privacy_report.json").read_text())
     for key in (
         "epsilon",

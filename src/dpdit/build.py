@@ -192,11 +192,17 @@ def _dp_sgd(
         check_resumable(state)
     history = [tuple(entry) for entry in state.get("history", [])]
     remaining = max(max_steps - (resumed or {}).get("global_step", 0), 0)
-    sigma = config.noise_multiplier if config.noise_multiplier is not None else state.get("noise_multiplier")
-    if sigma is None:
-        sigma = calibrate_noise_multiplier(
+    # privacy.noise_multiplier and calibration give the step's sigma (with the released
+    # statistics, sigma_eff); a checkpoint keeps the gradients' own
+    if config.noise_multiplier is not None:
+        sigma = config.gradient_noise_multiplier(config.noise_multiplier)
+    elif "noise_multiplier" in state:
+        sigma = state["noise_multiplier"]
+    else:
+        effective = calibrate_noise_multiplier(
             config.target_epsilon, config.delta, datamodule.sample_rate, remaining, config.accountant, history
         )
+        sigma = config.gradient_noise_multiplier(effective)
     privacy = DPSGD(
         config,
         datamodule.sample_rate,

@@ -144,16 +144,18 @@ class DiffusionModule(L.LightningModule):
         return self.diffusion.training_losses(self.model, images, labels)
 
     def log_step(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The global batch's loss and size (summed over ranks), the learning rate and the
-        mechanism's dashboard."""
+        """The learning rate, the mechanism's dashboard and, where the mechanism releases exact
+        values, the global batch's loss and size (summed over ranks)."""
         totals = self.trainer.strategy.reduce(torch.stack(list(sums.values())), reduce_op="sum")
         sums = dict(zip(sums, totals))
         loss = sums["loss"] / sums["images"].clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/batch_size", sums["images"])
+        if self.privacy.releases_exact_values:
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/batch_size", sums["images"])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.privacy.observe(sums)
         for name, value in self.privacy.dashboard(sums, last=self.global_step >= self.trainer.max_steps).items():
-            self.log(name, value, prog_bar=name == "privacy/epsilon")
+            self.log(name, value, prog_bar=name in ("privacy/epsilon", "private/loss"))
         return loss
 
     def on_train_start(self) -> None:

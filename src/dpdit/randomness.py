@@ -92,21 +92,24 @@ class PrivateRandomness:
         """`batch_size` distinct indices, uniformly at random (non-private runs)."""
         return np.argsort(self.uniforms("batch", step, dataset_size), kind="stable")[:batch_size]
 
-    def add_gaussian_noise(self, step: int, tensors: list[torch.Tensor], std: float) -> None:
+    def add_gaussian_noise(self, step: int, tensors: list[torch.Tensor], std: float, purpose: str = "noise") -> None:
         """Add N(0, std^2) noise to each (contiguous) tensor in place, all drawn from step
-        `step`'s noise stream in order, `NOISE_CHUNK` values at a time: no noise tensor the
+        `step`'s stream for `purpose` (the gradients' "noise", or the released "statistics":
+        independent streams) in order, `NOISE_CHUNK` values at a time: no noise tensor the
         size of a weight, let alone of the model (a second copy of its gradients), is ever
         held, and the sum is rounded once, from float64."""
-        stream = Keystream(self.stream("noise", step))
+        stream = Keystream(self.stream(purpose, step))
         for tensor in tensors:
             for chunk in tensor.view(-1).split(NOISE_CHUNK):
                 chunk.add_(standard_normals(stream, chunk.numel(), tensor.device).mul_(std))
 
-    def gaussian_noise(self, step: int, references: list[torch.Tensor], std: float) -> list[torch.Tensor]:
+    def gaussian_noise(
+        self, step: int, references: list[torch.Tensor], std: float, purpose: str = "noise"
+    ) -> list[torch.Tensor]:
         """The noise `add_gaussian_noise` adds to tensors shaped like `references` (on their
         devices, in their dtypes)."""
         noises = [torch.zeros_like(reference, memory_format=torch.contiguous_format) for reference in references]
-        self.add_gaussian_noise(step, noises, std)
+        self.add_gaussian_noise(step, noises, std, purpose)
         return noises
 
     def share(self, strategy) -> None:

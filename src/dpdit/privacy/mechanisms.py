@@ -23,6 +23,7 @@ noise or accounting.
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict
 from typing import Any, Callable
@@ -31,7 +32,7 @@ import torch
 from opacus.optimizers import get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from dpdit.privacy.accounting import History, PrivacyLedger
+from dpdit.privacy.accounting import History, PrivacyLedger, epsilon_of
 from dpdit.privacy.clipping import clipping_mode
 from dpdit.privacy.clipping.base import Backward, full_precision, mean_over_draws
 from dpdit.privacy.settings import PrivacyConfig, check_parameters_held, check_resumable
@@ -72,6 +73,9 @@ class Mechanism(ABC):
 
     enabled: bool
     noise_multiplicity: int = 1
+    # whether values computed from the private data without noise (the exact loss, the batch
+    # size, the samples' class-consistency) may be logged
+    releases_exact_values: bool
 
     def attach(
         self,
@@ -139,6 +143,10 @@ class Mechanism(ABC):
 
     # Around the step
 
+    def observe(self, sums: dict[str, torch.Tensor]) -> None:
+        """What the mechanism takes from its step's released sums (over every rank) for the
+        next step: nothing, unless it adapts (`DPSGD`'s adaptive clipping)."""
+
     @abstractmethod
     def check_attached(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise unless the hooks and `optimizer` still hold the model's trainable parameters."""
@@ -178,6 +186,7 @@ class NonPrivate(Mechanism):
     """`privacy=none`: the same micro-batched step without clipping, noise or accounting."""
 
     enabled = False
+    releases_exact_values = True
     noise_multiplicity = 1  # one noise draw per image
     budget_exhausted = False
 
@@ -269,7 +278,9 @@ class DPSGD(Mechanism):
         config: the privacy settings.
         sample_rate: Poisson sampling rate q = expected batch / dataset size.
         dataset_size: N, public.
-        noise_multiplier: sigma (already calibrated when the config asked for it).
+        noise_multiplier: sigma of the gradients' noise (already calibrated when the config
+            asked for it). With `privacy.statistics=private` the accountant records the whole
+            release's sigma_eff (`PrivacyConfig.effective_noise_multiplier`).
         randomness: where batch membership and noise come from (default: a new secret key
             under `secure_mode`, the seed 0's key otherwise).
         history: the accountant's history the run starts with (an earlier run on the same data).
@@ -296,21 +307,26 @@ class DPSGD(Mechanism):
         self.expected_batch_size = sample_rate * dataset_size
         self.noise_multiplier = noise_multiplier
         self.noise_multiplicity = config.noise_multiplicity
+        self.effective_noise_multiplier = config.effective_noise_multiplier(noise_multiplier)
         self.ledger = PrivacyLedger(
-            noise_multiplier, sample_rate, config.delta, config.accountant, config.target_epsilon
+            self.effective_noise_multiplier, sample_rate, config.delta, config.accountant, config.target_epsilon
         )
         self.ledger.history = [tuple(entry) for entry in history]
         self.init_checkpoint = init_checkpoint
+        self.releases_exact_values = config.statistics == "nonprivate"
+        # the clip bound: the configured one, or where adaptive clipping has taken it
+        self.max_grad_norm = config.max_grad_norm
+        self.bounds = {"initial": config.max_grad_norm, "min": config.max_grad_norm, "max": config.max_grad_norm}
+        self.bounds.update(sum=0.0, steps=0)
         self.clipper = None
         self.optimizer = None
         self._gradient_norms: list[torch.Tensor] = []
+        self._clipped_losses: list[torch.Tensor] = []
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
         """Attach the clipping mode to the model and wrap `optimizer` in the Opacus optimizer
         it steps with; with `world_size` ranks, that adds noise on rank 0 and sums over ranks."""
-        self.clipper = self.clipping.attach(
-            self.model, self.config.max_grad_norm, self.noise_multiplicity, self.backward
-        )
+        self.clipper = self.clipping.attach(self.model, self.max_grad_norm, self.noise_multiplicity, self.backward)
         optimizer_class = get_optimizer_class(
             clipping="flat", distributed=world_size > 1, grad_sample_mode=self.clipping.optimizer
         )
@@ -318,7 +334,7 @@ class DPSGD(Mechanism):
         self.optimizer = with_noise_from(optimizer_class, self.randomness, lambda: self.steps)(
             optimizer,
             noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.config.max_grad_norm,
+            max_grad_norm=self.max_grad_norm,
             # each rank's share: the distributed optimizer divides the sum by world_size too
             expected_batch_size=self.expected_batch_size / world_size,
             loss_reduction="mean",
@@ -332,6 +348,8 @@ class DPSGD(Mechanism):
         """The clipping mode's backward pass: per-sample gradients for the optimizer to clip,
         or the clipped sum in `.grad`; either way the per-image norms before clipping."""
         self._gradient_norms.append(self.clipper.per_image_norms(loss_per_sample, self.optimizer).detach())
+        # an empty batch's placeholder has weight 0, hence loss 0: it adds nothing
+        self._clipped_losses.append(loss_per_sample.detach().clamp(0.0, self.config.loss_bound))
 
     def clip_and_accumulate(self) -> None:
         """Clip this micro-batch into the running sum without noise or an optimizer step."""
@@ -350,22 +368,68 @@ class DPSGD(Mechanism):
         return norms
 
     def step_sums(self, batch_size: int, loss_sum: torch.Tensor) -> dict[str, torch.Tensor]:
-        # An empty batch's placeholder image has no gradient to count.
+        """What the dashboard gets of this step, by `privacy.statistics`: with `private`, the
+        clipped loss sum and the clipped count, each with its Gaussian noise added once (on
+        rank 0, as the gradients' noise) from the step's own secret stream; with
+        `nonprivate`, the exact clipped count and norm sum; with `off`, nothing."""
+        # an empty batch's placeholder image has no gradient to count
         norms = self.take_gradient_norms()[:batch_size]
-        return {"clipped": (norms > self.config.max_grad_norm).sum().to(loss_sum), "norms": norms.sum().to(loss_sum)}
+        losses, self._clipped_losses = torch.cat(self._clipped_losses), []
+        clipped = (norms > self.max_grad_norm).sum().to(loss_sum)
+        if self.config.statistics == "nonprivate":
+            return {"clipped": clipped, "norms": norms.sum().to(loss_sum)}
+        if self.config.statistics == "off":
+            return {}
+        noise = self.statistics_noise(loss_sum.device).to(loss_sum)
+        return {"private_loss": losses.sum().to(loss_sum) + noise[0], "private_clipped": clipped + noise[1]}
+
+    def statistics_noise(self, device: torch.device) -> torch.Tensor:
+        """The released statistics' noise of this step (just accounted): N(0, (r sigma B)^2) on
+        the loss sum, N(0, (r sigma)^2) on the count; zero on ranks other than 0."""
+        if getattr(self.optimizer, "rank", 0) != 0:
+            return torch.zeros(2, dtype=torch.float64, device=device)
+        std = self.config.statistics_noise * self.noise_multiplier
+        (normals,) = self.randomness.gaussian_noise(
+            self.steps - 1, [torch.zeros(2, dtype=torch.float64, device=device)], 1.0, purpose="statistics"
+        )
+        return normals * torch.tensor([std * self.config.loss_bound, std], dtype=torch.float64, device=device)
+
+    def observe(self, sums: dict[str, torch.Tensor]) -> None:
+        """Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, 2021): the bound moves
+        geometrically towards the `target_quantile` of the per-image gradient norms,
+        C <- C exp(-eta (b - gamma)), where b = 1 - (noisy clipped count) / E estimates the
+        share of images within the bound. It reads only the released count: no privacy spent
+        beyond what the history already records."""
+        if not self.config.adaptive_clipping:
+            return
+        within = 1.0 - float(sums["private_clipped"]) / self.expected_batch_size
+        bound = self.max_grad_norm * math.exp(-self.config.clip_learning_rate * (within - self.config.target_quantile))
+        self.set_max_grad_norm(bound)
+
+    def set_max_grad_norm(self, bound: float) -> None:
+        self.max_grad_norm = bound
+        self.optimizer.max_grad_norm = bound
+        self.clipper.set_max_grad_norm(bound)
+        self.bounds.update(min=min(self.bounds["min"], bound), max=max(self.bounds["max"], bound))
+        self.bounds["sum"] += bound
+        self.bounds["steps"] += 1
 
     def dashboard(self, sums: dict[str, torch.Tensor], last: bool) -> dict[str, float]:
-        """Epsilon so far and the mechanism's settings, and, as non-private diagnostics, the
-        share of per-sample gradients clipped and their mean norm."""
+        """Epsilon so far and the mechanism's settings, and by `privacy.statistics`: the noisy
+        clipped loss and clipped fraction per expected image (`private/`, covered by epsilon),
+        or the exact share of per-sample gradients clipped and their mean norm (`nonprivate/`)."""
         values = {"privacy/epsilon": self.epsilon} if self.ledger.epsilon_due(last) else {}
         values.update(
             {
-                "privacy/noise_multiplier": self.noise_multiplier,
+                "privacy/noise_multiplier": self.effective_noise_multiplier,
                 "privacy/sample_rate": self.sample_rate,
-                "privacy/max_grad_norm": self.config.max_grad_norm,
+                "privacy/max_grad_norm": self.max_grad_norm,
             }
         )
-        if sums["images"] > 0:
+        if "private_loss" in sums:
+            values["private/loss"] = sums["private_loss"] / self.expected_batch_size
+            values["private/clipped_fraction"] = sums["private_clipped"] / self.expected_batch_size
+        if "clipped" in sums and sums["images"] > 0:
             values["nonprivate/clipped_fraction"] = sums["clipped"] / sums["images"]
             values["nonprivate/grad_norm_mean"] = sums["norms"] / sums["images"]
         return values
@@ -374,9 +438,11 @@ class DPSGD(Mechanism):
         config = self.config
         target = "" if config.target_epsilon is None else f"target epsilon {config.target_epsilon:g} "
         return (
-            f"DP-SGD: noise multiplier {self.noise_multiplier:.4g}, clip bound {config.max_grad_norm:g}, "
+            f"DP-SGD: noise multiplier {self.effective_noise_multiplier:.4g} (gradients {self.noise_multiplier:.4g}), "
+            f"clip bound {config.max_grad_norm:g}, "
             f"sample rate {self.sample_rate:.4g} of {self.dataset_size} images, {target}at delta "
-            f"{config.delta:g} ({config.accountant}), randomness {self.randomness.describe()['randomness']}"
+            f"{config.delta:g} ({config.accountant}), randomness {self.randomness.describe()['randomness']}, "
+            f"dashboard statistics {config.statistics}"
         )
 
     @property
@@ -395,6 +461,8 @@ class DPSGD(Mechanism):
         return {
             "enabled": True,
             "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "bounds": dict(self.bounds),
             "history": list(self.ledger.history),
             "randomness": self.randomness.state_dict(),
             "init_checkpoint": self.init_checkpoint,
@@ -404,6 +472,9 @@ class DPSGD(Mechanism):
         check_resumable(state)
         self.ledger.history = [tuple(entry) for entry in state["history"]]
         self.init_checkpoint = state.get("init_checkpoint")
+        if self.config.adaptive_clipping and "bounds" in state:
+            # where the bound had gone, not where the config starts it
+            self.max_grad_norm, self.bounds = state["max_grad_norm"], dict(state["bounds"])
         if "randomness" in state:
             self.randomness.load_state_dict(state["randomness"])
             if self.config.secure_mode and not self.randomness.is_secret:
@@ -418,8 +489,11 @@ class DPSGD(Mechanism):
             **self.ledger.report(),
             **self.randomness.describe(),
             "step_limit": self.ledger.step_limit,
-            "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": self.config.max_grad_norm,
+            # the step's sigma, which epsilon is computed from (the history's); the gradients'
+            # own is larger when the statistics are released with them
+            "noise_multiplier": self.effective_noise_multiplier,
+            "gradient_noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
             "steps": self.steps,
             "accountant": self.config.accountant,
@@ -429,5 +503,53 @@ class DPSGD(Mechanism):
             "expected_batch_size": self.expected_batch_size,
             "history": [list(entry) for entry in self.ledger.history],
             "init_checkpoint": self.init_checkpoint,
+            "statistics": self.statistics_report(),
+            "adaptive_clipping": self.adaptive_clipping_report(),
             "settings": asdict(self.config),
+        }
+
+    def adaptive_clipping_report(self) -> dict[str, Any] | None:
+        """The clip bound's path under adaptive clipping: where it started, ended and went."""
+        if not self.config.adaptive_clipping:
+            return None
+        bounds, config = self.bounds, self.config
+        return {
+            "target_quantile": config.target_quantile,
+            "learning_rate": config.clip_learning_rate,
+            "initial": bounds["initial"],
+            "final": self.max_grad_norm,
+            "min": bounds["min"],
+            "max": bounds["max"],
+            "mean": bounds["sum"] / bounds["steps"] if bounds["steps"] else bounds["initial"],
+        }
+
+    def statistics_report(self) -> dict[str, Any]:
+        """What the dashboard's statistics are and, when released privately, what they cost:
+        the epsilon the history would spend had its steps released the gradients alone."""
+        config = self.config
+        if config.statistics != "private":
+            note = {
+                "nonprivate": (
+                    "exact values from the private data, NOT covered by epsilon: share the dashboard as you would "
+                    "the data"
+                ),
+                "off": "nothing computed from the private data is logged",
+            }[config.statistics]
+            return {"mode": config.statistics, "note": note}
+        sigma, effective = self.noise_multiplier, self.effective_noise_multiplier
+        gradients_only = [(sigma if s == effective else s, q, n) for s, q, n in self.ledger.history]
+        alone = epsilon_of(gradients_only, config.delta, config.accountant)
+        return {
+            "mode": "private",
+            "released": ["private/loss", "private/clipped_fraction"],
+            "noise_multiplier": config.statistics_noise * sigma,
+            "loss_bound": config.loss_bound,
+            "effective_noise_multiplier": effective,
+            "epsilon_without_statistics": alone,
+            "note": (
+                f"the clipped loss sum (each image's loss clipped to {config.loss_bound:g}) and the clipped count are "
+                f"released with noise multiplier {config.statistics_noise:g} x sigma each: with the gradients one "
+                f"Gaussian mechanism of sigma_eff {effective:.4g} (gradients' sigma {sigma:.4g}), which epsilon "
+                f"counts; the gradients alone would have spent {alone:.4g}"
+            ),
         }

@@ -10,6 +10,7 @@ built one way for both; `enabled` names which in the resolved config and on dash
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 # What an init_ckpt_path checkpoint was trained on: this run's data (its privacy history
 # counts towards this run's epsilon) or data disjoint from it (its history does not).
 INIT_DATA = ("same", "disjoint")
+# What the dashboard gets of each DP step: private (the clipped loss sum and the clipped count,
+# with Gaussian noise, in the accountant's history), nonprivate (exact values, not covered by
+# the guarantee) or off (nothing from the private data).
+STATISTICS = ("private", "nonprivate", "off")
+# how many statistics a private step releases: the clipped loss sum and the clipped count
+RELEASED_STATISTICS = 2
 # Trainer precisions under which a DP step stays exact. Mixed precision is "bf16-mixed"
 # only: float16 scales the loss (clipping would bound the scaled gradients), "-true" modes
 # hold weights, clipped sums and noise in low precision.
@@ -89,6 +96,33 @@ class PrivacyConfig:
     noise_multiplicity: int = 1
     secure_mode: bool = True
     init_data: str = "same"
+    statistics: str = "private"
+    statistics_noise: float = 12.0
+    loss_bound: float = 1.0
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+
+    @property
+    def statistics_factor(self) -> float:
+        """sigma / sigma_eff: with the statistics released at `statistics_noise` x sigma each, the
+        step is one Gaussian mechanism of noise multiplier sigma_eff = (sigma^-2 + 2 (r
+        sigma)^-2)^(-1/2) = sigma / sqrt(1 + 2 / r^2) (Andrew et al., 2021, for the count)."""
+        if self.statistics != "private":
+            return 1.0
+        return math.sqrt(1.0 + RELEASED_STATISTICS / self.statistics_noise**2)
+
+    def effective_noise_multiplier(self, noise_multiplier: float) -> float:
+        """The accountant's sigma for a step whose gradients get `noise_multiplier`."""
+        return noise_multiplier / self.statistics_factor
+
+    def gradient_noise_multiplier(self, effective: float) -> float:
+        """The gradients' sigma that, with the statistics, makes the step's sigma at least
+        `effective` (rounding may not take it below: the budget is checked at that sigma)."""
+        sigma = effective * self.statistics_factor
+        while self.effective_noise_multiplier(sigma) < effective:
+            sigma = math.nextafter(sigma, math.inf)
+        return sigma
 
     def validate(self, dataset_size: int) -> None:
         """Raise a ValueError naming the setting for every invalid choice."""
@@ -123,6 +157,29 @@ class PrivacyConfig:
         if self.init_data not in INIT_DATA:
             raise ValueError(f"privacy.init_data={self.init_data!r} is unknown: choose one of {', '.join(INIT_DATA)}")
         check_noise_multiplicity(self.noise_multiplicity)
+        if self.statistics not in STATISTICS:
+            raise ValueError(
+                f"privacy.statistics={self.statistics!r} is unknown: choose one of {', '.join(STATISTICS)}"
+            )
+        if self.statistics == "private" and not self.statistics_noise > 0:
+            raise ValueError(
+                f"privacy.statistics_noise={self.statistics_noise} must be positive: each released statistic's "
+                "noise multiplier, as a multiple of the gradients' (or privacy.statistics=off)"
+            )
+        if self.adaptive_clipping and self.statistics != "private":
+            raise ValueError(
+                f"privacy.adaptive_clipping=true with privacy.statistics={self.statistics}: the bound follows the "
+                "released (private) clipped count; set privacy.statistics=private"
+            )
+        if self.adaptive_clipping and not (0 < self.target_quantile < 1 and self.clip_learning_rate > 0):
+            raise ValueError(
+                f"privacy.target_quantile={self.target_quantile} must lie in (0, 1) and privacy.clip_learning_rate="
+                f"{self.clip_learning_rate} be positive"
+            )
+        if self.statistics == "private" and not self.loss_bound > 0:
+            raise ValueError(
+                f"privacy.loss_bound={self.loss_bound} must be positive: each image's loss is clipped to it"
+            )
 
     def check_precision(self, precision: str) -> None:
         check_precision(precision, self.clipping)

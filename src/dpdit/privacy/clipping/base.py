@@ -68,6 +68,10 @@ class Clipper(ABC):
         """The backward pass of one micro-batch's per-image losses; returns each image's
         gradient norm before clipping. `optimizer` is the DP optimizer of the step."""
 
+    def set_max_grad_norm(self, bound: float) -> None:
+        """Clip to `bound` from now on, where the clipper itself clips (adaptive clipping);
+        where Opacus' optimizer clips, its own bound is the one that counts."""
+
 
 class ClippingMode(ABC):
     """One way to per-image clipped gradients (`privacy.clipping=<name>`)."""

@@ -152,6 +152,9 @@ class BookKeeping(Clipper):
                 (inputs, get_gradient_edge(output), KeptOutput(output.shape, output.dtype, output.device))
             )
 
+    def set_max_grad_norm(self, bound: float) -> None:
+        self.max_grad_norm = bound
+
     def remove_hooks(self) -> None:
         for handle in self.handles:
             handle.remove()

@@ -47,6 +47,9 @@ class GhostClipping(Clipper):
         DPTensorFastGradientClipping(self.hooks, optimizer, loss_per_image, "mean").backward()
         return self.hooks.per_sample_gradient_norms
 
+    def set_max_grad_norm(self, bound: float) -> None:
+        self.hooks.max_grad_norm = bound
+
 
 class Ghost(ClippingMode):
     name = "ghost"
