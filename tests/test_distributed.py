@@ -59,7 +59,12 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
         dataset_size=2 * expected,
         noise_multiplier=sigma,
     )
-    _, results["noise"] = ddp_step(privacy, shard(SPLITS["even"][rank]), loss=ZeroLoss())
+    module, results["noise"] = ddp_step(privacy, shard(SPLITS["even"][rank]), loss=ZeroLoss())
+    metrics = module.trainer.callback_metrics
+    results["statistics"] = [float(metrics[name]) for name in ("private/loss", "private/clipped_fraction")]
+    (normals,) = privacy.randomness.gaussian_noise(0, [torch.zeros(2, dtype=torch.float64)], 1.0, purpose="statistics")
+    std = privacy.config.statistics_noise * sigma
+    results["statistics_noise"] = (normals * torch.tensor([std * privacy.config.loss_bound, std]) / expected).tolist()
 
     noisy = dp("hooks", max_grad_norm=bound, noise_multiplier=1.0)
     module, _ = ddp_step(noisy, shard(SPLITS["uneven"][rank]), steps=3)
@@ -112,6 +117,16 @@ def test_noise_is_added_once_for_the_global_batch(two_ranks):
     n = noise.numel()
     assert abs(noise.std().item() - want) < 5 * want / (2 * n) ** 0.5
     assert abs(noise.mean().item()) < 5 * want / n**0.5
+
+
+def test_the_statistics_noise_is_added_once_for_the_global_batch(two_ranks):
+    """Zero losses and gradients: both ranks log rank 0's draw of the statistics' noise alone,
+    not the sum of two ranks' draws."""
+    ranks, _ = two_ranks
+    once = ranks[0]["statistics_noise"]
+    assert all(abs(value) > 0 for value in once)
+    for rank in ranks:
+        assert rank["statistics"] == pytest.approx(once, rel=1e-6)
 
 
 def test_replicas_stay_identical_after_noisy_steps(two_ranks):
