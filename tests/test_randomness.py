@@ -13,10 +13,11 @@ import pytest
 import torch
 from scipy import stats
 
+import dpdit.randomness
 from dpdit.build import setup
 from dpdit.data import ImageDataModule, LogicalBatchSampler
 from dpdit.privacy import DPSGD, PrivacyConfig
-from dpdit.randomness import PrivateRandomness
+from dpdit.randomness import PrivateRandomness, TensorShard
 from dpdit.train import train
 from helpers import BATCH, ZeroLoss, run_step, tiny_model
 
@@ -118,6 +119,30 @@ def test_gaussian_noise_is_standard_normal_and_fills_every_shape():
     again, _ = randomness.gaussian_noise(7, references, std=2.0)
     other, _ = randomness.gaussian_noise(8, references, std=2.0)
     assert torch.equal(big, again) and abs(np.corrcoef(big.numpy(), other.numpy())[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 5])
+def test_shards_get_the_noise_their_place_in_the_whole_tensor_gets(monkeypatch, ranks):
+    """Each rank's shards (torch.chunk's rows, as FSDP lays them out: uneven, some empty)
+    drawn alone, put together, are the whole tensors' noise bit for bit; chunks of 6 values,
+    so shards begin and end inside a chunk and inside a Box-Muller pair."""
+    monkeypatch.setattr(dpdit.randomness, "NOISE_CHUNK", 6)
+    randomness = PrivateRandomness.seeded(3)
+    shapes = [(7, 3), (13,), (2, 5), (1, 4)]
+    whole = randomness.gaussian_noise(4, [torch.zeros(shape, dtype=torch.float64) for shape in shapes], 1.5)
+    parts = [[] for _ in shapes]
+    for rank in range(ranks):
+        shards = []
+        for index, shape in enumerate(shapes):
+            full = torch.zeros(shape, dtype=torch.float64)
+            rows = full.chunk(ranks)
+            local = rows[rank].clone() if rank < len(rows) else full[:0].clone()
+            start = sum(row.numel() for row in rows[:rank])
+            shards.append(TensorShard(local, full.numel(), start))
+            parts[index].append(local)
+        randomness.add_gaussian_noise(4, shards, 1.5)
+    for index, noise in enumerate(whole):
+        assert torch.equal(torch.cat(parts[index]), noise)
 
 
 def test_uniforms_are_uniform_and_keyed():

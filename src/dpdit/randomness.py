@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import math
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,10 +74,11 @@ class PrivateRandomness:
     def is_secret(self) -> bool:
         return self.kind == "secret"
 
-    def stream(self, purpose: str, step: int):
-        """The keystream of one (purpose, step): an AES-256-CTR encryptor of zeros."""
+    def stream(self, purpose: str, step: int, block: int = 0):
+        """The keystream of one (purpose, step): an AES-256-CTR encryptor of zeros, from its
+        16-byte block `block` on (CTR's counter is the block's index: any place is reachable)."""
         key = hmac.new(self.key, f"{purpose}/{int(step)}".encode(), hashlib.sha256).digest()
-        return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        return Cipher(algorithms.AES(key), modes.CTR(int(block).to_bytes(16, "big"))).encryptor()
 
     def uniforms(self, purpose: str, step: int, count: int) -> np.ndarray:
         """`count` independent uniforms in [0, 1) (float64, 53 random bits each)."""
@@ -92,16 +93,30 @@ class PrivateRandomness:
         """`batch_size` distinct indices, uniformly at random (non-private runs)."""
         return np.argsort(self.uniforms("batch", step, dataset_size), kind="stable")[:batch_size]
 
-    def add_gaussian_noise(self, step: int, tensors: list[torch.Tensor], std: float, purpose: str = "noise") -> None:
+    def add_gaussian_noise(
+        self, step: int, tensors: list[torch.Tensor | TensorShard], std: float, purpose: str = "noise"
+    ) -> None:
         """Add N(0, std^2) noise to each (contiguous) tensor in place, all drawn from step
         `step`'s stream for `purpose` (the gradients' "noise", or the released "statistics":
         independent streams) in order, `NOISE_CHUNK` values at a time: no noise tensor the
         size of a weight, let alone of the model (a second copy of its gradients), is ever
-        held, and the sum is rounded once, from float64."""
-        stream = Keystream(self.stream(purpose, step))
+        held, and the sum is rounded once, from float64.
+
+        A `TensorShard` gets the values its place in the whole tensor would get: a rank that
+        holds a shard of each weight (FSDP) draws only its shards' chunks, and the noise of
+        the whole model is the one a single process adds, whatever the number of ranks."""
+        stream = Keystream(self, purpose, step)
         for tensor in tensors:
-            for chunk in tensor.view(-1).split(NOISE_CHUNK):
-                chunk.add_(standard_normals(stream, chunk.numel(), tensor.device).mul_(std))
+            shard = tensor if isinstance(tensor, TensorShard) else TensorShard(tensor, tensor.numel(), 0)
+            local, end = shard.local.view(-1), shard.start + shard.local.numel()
+            for begin in range(0, shard.numel, NOISE_CHUNK):
+                count = min(NOISE_CHUNK, shard.numel - begin)
+                low, high = max(begin, shard.start), min(begin + count, end)
+                if low < high:
+                    normals = standard_normals(stream, count, local.device)[low - begin : high - begin]
+                    local[low - shard.start : high - shard.start].add_(normals.mul_(std))
+                else:
+                    stream.skip(normal_words(count))
 
     def gaussian_noise(
         self, step: int, references: list[torch.Tensor], std: float, purpose: str = "noise"
@@ -159,20 +174,43 @@ def tensor_digest(named_tensors, header: str = "") -> str:
     return digest.hexdigest()
 
 
-class Keystream:
-    """An AES-CTR keystream read in pieces of at most `NOISE_CHUNK` words into one reused
-    buffer."""
+class TensorShard(NamedTuple):
+    """The values [start, start + local.numel()) of a flattened tensor of `numel` values."""
 
-    def __init__(self, encryptor):
-        self.encryptor = encryptor
+    local: torch.Tensor
+    numel: int
+    start: int
+
+
+class Keystream:
+    """One (purpose, step)'s AES-CTR keystream, read in pieces of at most `NOISE_CHUNK` words
+    into one reused buffer; `skip` moves past words without reading them."""
+
+    def __init__(self, randomness: PrivateRandomness, purpose: str, step: int):
+        self.randomness, self.purpose, self.step = randomness, purpose, step
+        self.encryptor = randomness.stream(purpose, step)
         self.zeros = bytes(8 * NOISE_CHUNK)
         # CTR may write up to a block beyond the input's length
         self.buffer = bytearray(8 * NOISE_CHUNK + 15)
+        self.position = 0
+
+    def skip(self, count: int) -> None:
+        self.position += count
+        block, within = divmod(8 * self.position, 16)
+        self.encryptor = self.randomness.stream(self.purpose, self.step, block)
+        if within:
+            self.encryptor.update(bytes(within))
 
     def words(self, count: int) -> np.ndarray:
         """The next `count` 64-bit words; valid until the next call."""
         self.encryptor.update_into(memoryview(self.zeros)[: 8 * count], self.buffer)
+        self.position += count
         return np.frombuffer(self.buffer, dtype=np.uint64, count=count)
+
+
+def normal_words(count: int) -> int:
+    """The keystream words `standard_normals` reads for `count` values (two per pair)."""
+    return 2 * math.ceil(count / 2)
 
 
 def standard_normals(stream: Keystream, count: int, device: torch.device) -> torch.Tensor:
@@ -181,7 +219,7 @@ def standard_normals(stream: Keystream, count: int, device: torch.device) -> tor
     low bits are those of rounding, not of the noise's representation (the floating-point
     attack of Mironov, 2012)."""
     pairs = math.ceil(count / 2)
-    bits = stream.words(2 * pairs) >> np.uint64(64 - UNIFORM_BITS)
+    bits = stream.words(normal_words(count)) >> np.uint64(64 - UNIFORM_BITS)
     uniform = torch.from_numpy(bits.view(np.int64)).to(device).double()
     uniform.add_(1.0).mul_(2.0**-UNIFORM_BITS)  # (0, 1]: the logarithm stays finite
     radius = uniform[:pairs].log_().mul_(-2.0).sqrt_()
