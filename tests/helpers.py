@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from torch.distributed.tensor import DTensor
 
 from dpdit.cli import CONFIG_DIR
 from dpdit.models import DiT, PretrainedDiT
@@ -132,7 +133,12 @@ def run_step(
         **trainer_options,
     )
     trainer.fit(module, train_dataloaders=RepeatedBatch(data or batch(), steps))
-    return module, [b - p.detach() for b, p in zip(before, model.parameters())]
+    return module, [b - whole(p.detach()) for b, p in zip(before, model.parameters())]
+
+
+def whole(tensor):
+    """A tensor, or a sharded one gathered from every rank."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def dp(clipping, max_grad_norm=1.0, noise_multiplier=0.0, dataset_size=BATCH, **settings):

@@ -15,14 +15,14 @@ from typing import Any, Callable, NamedTuple
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dpdit.checkpoints import initialise_from, last_checkpoint, privacy_state, read_checkpoint, weights_under
 from dpdit.cli import settings_checked
 from dpdit.cluster import resume_checkpoint
 from dpdit.data import ImageDataModule
-from dpdit.distributed import DPDDPStrategy
+from dpdit.distributed import DPDDPStrategy, DPFSDPStrategy
 from dpdit.files import write_text_atomically
 from dpdit.memory import check_memory_fits
 from dpdit.module import DiffusionModule
@@ -261,18 +261,24 @@ def make_module(
     return build(model=model, privacy=mechanism, physical_batch_size=physical_batch_size, config=config)
 
 
+def shards(trainer: DictConfig) -> bool:
+    """Whether the configured trainer shards the model (trainer=fsdp)."""
+    target = OmegaConf.select(trainer, "strategy._target_")
+    return target is not None and issubclass(get_class(target), DPFSDPStrategy)
+
+
 def make_trainer(config: DictConfig, callbacks: list, loggers: list, **settings: Any) -> L.Trainer:
     """The configured Trainer (`settings` override it); with several processes, on
     `DPDDPStrategy`, whose gradient sum is the only one that keeps DP-SGD (and the
     micro-batched step) exact."""
     trainer: L.Trainer = instantiate(config, callbacks=callbacks, logger=loggers or False, **settings)
-    if trainer.world_size == 1 or isinstance(trainer.strategy, DPDDPStrategy):
+    if trainer.world_size == 1 or isinstance(trainer.strategy, (DPDDPStrategy, DPFSDPStrategy)):
         return trainer
     if config.get("strategy", "auto") != "auto":
         raise ValueError(
             f"trainer.strategy={config.strategy} on {trainer.world_size} processes would average "
             "gradients its own way, which breaks the DP step: use trainer=ddp "
-            "(dpdit.distributed.DPDDPStrategy) or leave trainer.strategy=auto"
+            "(dpdit.distributed.DPDDPStrategy), trainer=fsdp (DPFSDPStrategy) or leave trainer.strategy=auto"
         )
     return instantiate(config, strategy=DPDDPStrategy(), callbacks=callbacks, logger=loggers or False)
 
@@ -299,6 +305,8 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
         )
     privacy_config: PrivacyConfig | NonPrivateConfig = instantiate(cfg.privacy)
     privacy_config.check_precision(cfg.trainer.precision)
+    if shards(cfg.trainer):
+        privacy_config.check_sharding()
     # A new run (not a resume, not from a given checkpoint) starts from the public prior.
     prior = None
     if has_public_prior(cfg) and cfg.ckpt_path is None and cfg.init_ckpt_path is None:

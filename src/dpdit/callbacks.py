@@ -153,12 +153,12 @@ class SampleImages(L.Callback):
             return None
         return max(1, max_steps // self.progress_grids)
 
-    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, per_class: int, steps: int):
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, model, per_class: int, steps: int):
         # the data's classes: an audited model also has a class per canary
         num_classes = trainer.datamodule.num_classes
         labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(per_class)
         images = generate(
-            pl_module.ema.module,
+            model,
             pl_module.diffusion,
             labels,
             self.guidance_scale,
@@ -176,10 +176,15 @@ class SampleImages(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         interval = self.interval(trainer.max_steps)
         step = trainer.global_step
-        if not trainer.is_global_zero or interval is None or step % interval or step >= trainer.max_steps:
+        if interval is None or step % interval or step >= trainer.max_steps:
             return
         start = time.perf_counter()
-        images, labels, num_classes = self.sample(trainer, pl_module, self.progress_per_class, self.progress_steps)
+        model = pl_module.sampling_model()
+        if not trainer.is_global_zero:
+            return
+        images, labels, num_classes = self.sample(
+            trainer, pl_module, model, self.progress_per_class, self.progress_steps
+        )
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
         grid = save_grid(images, self.output_dir / "samples" / f"step_{step}.png", rows=num_classes)
         for logger in trainer.loggers:
@@ -188,6 +193,7 @@ class SampleImages(L.Callback):
         self.progress_seconds += time.perf_counter() - start
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.sampling_model()
         if not trainer.is_global_zero:
             return
         if self.progress_seconds:
@@ -198,7 +204,7 @@ class SampleImages(L.Callback):
                 elapsed,
                 100 * self.progress_seconds / elapsed,
             )
-        images, labels, num_classes = self.sample(trainer, pl_module, self.num_per_class, self.steps)
+        images, labels, num_classes = self.sample(trainer, pl_module, model, self.num_per_class, self.steps)
         grid = save_samples(images, labels, self.output_dir, num_classes, self.grid_per_class)
         metrics = {}
         # judged by a classifier trained on the private digits, without noise: only where the
@@ -221,7 +227,7 @@ class ExportPipeline(L.Callback):
         self.scheduler = scheduler
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.ema.module
+        model = pl_module.sampling_model()
         if not trainer.is_global_zero:
             return
         reason = why_not_exportable(model)

@@ -1,4 +1,5 @@
-"""Data-parallel DP-SGD across processes: the Lightning strategy and the replica check.
+"""DP-SGD across processes: the Lightning strategies (data-parallel replicas, or FSDP's
+sharded weights) and the replica check.
 
 PyTorch's DistributedDataParallel averages `.grad` during every backward pass. Under
 DP-SGD that is wrong twice over: the gradients that matter are the clipped per-sample ones
@@ -8,14 +9,20 @@ so backward-time collectives would wait forever. `DPDDPStrategy` therefore wraps
 in Opacus' `DifferentiallyPrivateDistributedDataParallel`, which only makes the replicas
 start equal; Opacus' distributed optimizer sums the clipped, once-noised gradients across
 ranks at the end of each logical step.
+
+`DPFSDPStrategy` shards instead (FSDP2's `fully_shard`, each transformer block a unit): a
+rank holds its rows of every weight, gradient, optimizer state and EMA weight, and gathers
+a block's weights only while it runs. The DP step's side of it is `dpdit.privacy.sharding`.
 """
 
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from dpdit.randomness import tensor_digest
 
@@ -33,6 +40,47 @@ class DPDDPStrategy(DDPStrategy):
         if isinstance(self.model, DifferentiallyPrivateDistributedDataParallel):
             self.model = self.lightning_module
         super().teardown()
+
+
+class DPFSDPStrategy(ModelParallelStrategy):
+    """Lightning's process handling (launch, ranks, SLURM) with FSDP2 over every process:
+    one data-parallel dimension as wide as the world. The module shards itself in
+    `configure_model` (`shard`). Checkpoints gather the whole state on rank 0 into one
+    `last.ckpt`, the file one process writes, so a run resumes on any number of processes.
+
+    Args:
+        mixed_precision: `bf16` gathers the weights and runs the layers in bfloat16, the
+            shards (and the DP step: norms, clipped sums, noise) stay float32; None keeps
+            the parameters' precision.
+    """
+
+    strategy_name = "dp_fsdp"
+
+    def __init__(self, mixed_precision: str | None = None, **kwargs):
+        super().__init__(save_distributed_checkpoint=False, **kwargs)
+        if mixed_precision not in (None, "bf16"):
+            raise ValueError(f"trainer.strategy.mixed_precision={mixed_precision} is not one of null, bf16")
+        self.mixed_precision = mixed_precision
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    @property
+    def policy(self) -> MixedPrecisionPolicy:
+        if self.mixed_precision == "bf16":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+
+def shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+    """FSDP2 on `model`: each of its `blocks` a unit, the rest (embedders, final layer) the root's."""
+    if isinstance(model, FSDPModule):
+        return
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def parameters_digest(module: nn.Module) -> str:

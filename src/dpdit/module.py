@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.optim.swa_utils import AveragedModel
 
 from dpdit.diffusion import GaussianDiffusion
-from dpdit.distributed import check_replicas_identical
+from dpdit.distributed import DPFSDPStrategy, check_replicas_identical, shard
 from dpdit.privacy import Mechanism
 from dpdit.randomness import derived_seed
 
@@ -77,6 +80,13 @@ class TrainedWeightsAverage(AveragedModel):
         self.n_averaged += 1
 
 
+def without_weights(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters are on the meta device (no memory; a state dict
+    loaded with `assign=True` fills them); buffers are copied."""
+    memo = {id(p): nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
 class DiffusionModule(L.LightningModule):
     """Trains `model` on the diffusion loss under `privacy` (DP-SGD or none).
 
@@ -118,6 +128,31 @@ class DiffusionModule(L.LightningModule):
         self.seed = seed
         # the resolved run configuration, saved in checkpoints so that they rebuild their model
         self.config = config
+
+    def configure_model(self) -> None:
+        """Under `DPFSDPStrategy`, shard the model and its EMA alike (each rank then holds its
+        rows of both), keeping an empty (meta) copy of the EMA's structure to gather into."""
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, DPFSDPStrategy) or isinstance(self.model, FSDPModule):
+            return
+        # not a submodule: FSDP, checkpoints and the optimizer must not see it
+        object.__setattr__(self, "unsharded_ema", without_weights(self.ema.module))
+        mesh = strategy.device_mesh["data_parallel"]
+        shard(self.model, mesh, strategy.policy)
+        shard(self.ema.module, mesh, strategy.policy)
+
+    def sampling_model(self) -> nn.Module | None:
+        """The EMA weights as a plain module to sample from or export. Under FSDP every rank
+        must call this (the weights are gathered from all of them); rank 0 gets the module,
+        the others None."""
+        if not isinstance(self.ema.module, FSDPModule):
+            return self.ema.module
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.ema.module, options=options)
+        if not self.trainer.is_global_zero:
+            return None
+        self.unsharded_ema.load_state_dict(weights, assign=True)
+        return self.unsharded_ema.to(self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -167,7 +202,8 @@ class DiffusionModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
-        if self.trainer.world_size > 1:
+        # sharded ranks hold different rows by design
+        if self.trainer.world_size > 1 and not isinstance(self.model, FSDPModule):
             check_replicas_identical(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

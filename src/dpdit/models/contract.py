@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from dpdit.models.pretrained import FrozenVAE
@@ -23,6 +24,7 @@ class Denoiser(Protocol):
     null_class: int  # the label that means "no class" (classifier-free guidance)
     learn_sigma: bool  # whether the variance half of the output is trained
     vae: FrozenVAE | None  # the frozen VAE whose latents it works on; None: pixels
+    blocks: nn.ModuleList  # its transformer blocks, in order (FSDP's units)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, in_channels, input_size, input_size], t: [B] timesteps, y: [B] labels ->

@@ -255,6 +255,10 @@ class PretrainedDiT(nn.Module):
         x = x + gate_msa.unsqueeze(1) * block.attn1(modulate(block.norm1.norm(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * block.ff(modulate(block.norm3(x), shift_mlp, scale_mlp))
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] latents, t: [B] timesteps, y: [B] data labels (`null_class` for
         unconditional) -> [B, out_channels, H, W], as DiTTransformer2DModel computes it."""

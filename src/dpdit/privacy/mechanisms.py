@@ -31,11 +31,14 @@ from typing import Any, Callable
 import torch
 from opacus.optimizers import get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from dpdit.privacy.accounting import History, PrivacyLedger, epsilon_of
 from dpdit.privacy.clipping import clipping_mode
 from dpdit.privacy.clipping.base import Backward, full_precision, mean_over_draws
-from dpdit.privacy.settings import PrivacyConfig, check_parameters_held, check_resumable
+from dpdit.privacy.settings import PrivacyConfig, check_parameters_held, check_resumable, check_sharding
+from dpdit.privacy.sharding import busiest_rank_count, is_sharded, noise_target
 from dpdit.randomness import PrivateRandomness
 
 log = logging.getLogger(__name__)
@@ -48,15 +51,13 @@ PerImageLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VANILLA = "vanilla"
 
 
-def with_placeholder_if_empty(
+def placeholder_image(
     images: torch.Tensor, labels: torch.Tensor, null_class: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Poisson sampling can draw an empty batch; the step must still add its noise and be
-    accounted. Opacus cannot run an empty batch, so one zero-weighted placeholder image
-    (data-independent, contributing exactly nothing) goes through instead. Returns the
-    images, labels and the weight of their losses."""
-    if images.shape[0]:
-        return images, labels, 1.0
+    """A micro-batch of one zero-weighted placeholder image (data-independent, contributing
+    exactly nothing), with the weight of its loss. Poisson sampling can draw an empty batch,
+    whose step must still add its noise and be accounted, and Opacus cannot run an empty
+    batch; under FSDP a rank with fewer images runs them to keep step with the others."""
     return images.new_zeros((1, *images.shape[1:])), labels.new_full((1,), null_class), 0.0
 
 
@@ -89,6 +90,7 @@ class Mechanism(ABC):
         `backward` (Lightning's `manual_backward`); returns the optimizer to train with, which
         with `world_size` ranks sums their gradients."""
         self.model, self.losses, self.backward = model, losses, backward
+        self.sharded = is_sharded(model.parameters())
         return self.prepare_optimizer(optimizer, world_size)
 
     def step(
@@ -98,10 +100,18 @@ class Mechanism(ABC):
         `optimizer` (Lightning's wrapper of the one `attach` returned); returns the step's sums
         over images (`loss`, `images`, ...), to be added over ranks."""
         batch_size = images.shape[0]
-        images, labels, weight = with_placeholder_if_empty(images, labels, self.model.null_class)
-        micro_batches = list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
+        placeholder = placeholder_image(images, labels, self.model.null_class)
+        micro_batches = [
+            (x, y, 1.0) for x, y in zip(images.split(micro_batch_size), labels.split(micro_batch_size)) if len(x)
+        ]
+        # an empty batch runs the placeholder (its step still adds noise and is accounted); under
+        # FSDP each rank runs as many micro-batches as the busiest one, as forward passes gather
+        count = max(len(micro_batches), 1)
+        if self.sharded:
+            count = busiest_rank_count(count, images.device)
+        micro_batches += [placeholder] * (count - len(micro_batches))
         loss_sum = torch.zeros((), device=images.device)
-        for index, (x, y) in enumerate(micro_batches):
+        for index, (x, y, weight) in enumerate(micro_batches):
             loss = weight * per_image_losses(self.losses, x, y, self.noise_multiplicity)  # 1. K draws per image
             self.per_sample_gradients(loss)  # 2.
             loss_sum += loss.detach().sum()
@@ -194,7 +204,12 @@ class NonPrivate(Mechanism):
         self.batch_size = batch_size
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
-        if world_size > 1:
+        if self.sharded:
+            # FSDP reduce-scatters every backward pass's gradients: summed, as here, not averaged
+            for unit in self.model.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.set_gradient_divide_factor(1.0)
+        elif world_size > 1:
             optimizer.register_step_pre_hook(_sum_gradients_over_ranks)
         return optimizer
 
@@ -238,7 +253,9 @@ class NonPrivate(Mechanism):
 def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_of) -> type:
     """`optimizer_class` (any of Opacus' DP optimizers) whose noise phase draws
     N(0, sigma^2 C^2) from `randomness`' stream for step `step_of()` instead of torch's
-    generator. As in Opacus' distributed optimizers, only rank 0 adds noise.
+    generator. As in Opacus' distributed optimizers, only rank 0 adds noise; on sharded
+    parameters (whose gradients the clipping mode has already summed over ranks) each rank
+    adds the noise of its own rows.
 
     No phase holds a second copy of the gradients, which at DiT-XL/2's size is 3 GiB each:
     the noise is drawn and added in place, a chunk of values at a time, and the summed
@@ -261,10 +278,10 @@ def with_noise_from(optimizer_class: type, randomness: PrivateRandomness, step_o
                 _check_processed_flag(p.summed_grad)
             if getattr(self, "rank", 0) == 0 and self.noise_multiplier > 0:
                 randomness.add_gaussian_noise(
-                    step_of(), [p.summed_grad for p in params], self.noise_multiplier * self.max_grad_norm
+                    step_of(), [noise_target(p.summed_grad) for p in params], self.noise_multiplier * self.max_grad_norm
                 )
             for p in params:
-                p.grad = p.summed_grad.view_as(p)
+                p.grad = p.summed_grad if isinstance(p.summed_grad, DTensor) else p.summed_grad.view_as(p)
                 _mark_as_processed(p.summed_grad)
 
     SecretNoise.__name__ = SecretNoise.__qualname__ = f"SecretNoise{optimizer_class.__name__}"
@@ -325,10 +342,15 @@ class DPSGD(Mechanism):
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, world_size: int) -> torch.optim.Optimizer:
         """Attach the clipping mode to the model and wrap `optimizer` in the Opacus optimizer
-        it steps with; with `world_size` ranks, that adds noise on rank 0 and sums over ranks."""
+        it steps with; with `world_size` ranks, that adds noise on rank 0 and sums over ranks.
+        On sharded parameters the clipping mode sums over ranks and each rank adds its rows'
+        noise: the optimizer is the single-process one, over the global expected batch."""
+        if self.sharded:
+            check_sharding(self.config.clipping)
         self.clipper = self.clipping.attach(self.model, self.max_grad_norm, self.noise_multiplicity, self.backward)
+        summing = world_size > 1 and not self.sharded
         optimizer_class = get_optimizer_class(
-            clipping="flat", distributed=world_size > 1, grad_sample_mode=self.clipping.optimizer
+            clipping="flat", distributed=summing, grad_sample_mode=self.clipping.optimizer
         )
         # the noise of the step about to be accounted: its index in the history
         self.optimizer = with_noise_from(optimizer_class, self.randomness, lambda: self.steps)(
@@ -336,7 +358,7 @@ class DPSGD(Mechanism):
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             # each rank's share: the distributed optimizer divides the sum by world_size too
-            expected_batch_size=self.expected_batch_size / world_size,
+            expected_batch_size=self.expected_batch_size / (world_size if summing else 1),
             loss_reduction="mean",
         )
         return self.optimizer
@@ -386,7 +408,7 @@ class DPSGD(Mechanism):
     def statistics_noise(self, device: torch.device) -> torch.Tensor:
         """The released statistics' noise of this step (just accounted): N(0, (r sigma B)^2) on
         the loss sum, N(0, (r sigma)^2) on the count; zero on ranks other than 0."""
-        if getattr(self.optimizer, "rank", 0) != 0:
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return torch.zeros(2, dtype=torch.float64, device=device)
         std = self.config.statistics_noise * self.noise_multiplier
         (normals,) = self.randomness.gaussian_noise(

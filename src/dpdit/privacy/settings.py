@@ -77,6 +77,9 @@ class NonPrivateConfig:
     def check_model(self, model: torch.nn.Module) -> None:
         """Any model: no per-sample gradients are needed."""
 
+    def check_sharding(self) -> None:
+        """Any model: FSDP sums the gradients itself."""
+
     def randomness(self, seed: int) -> PrivateRandomness:
         return PrivateRandomness.create(secret=False, seed=seed)
 
@@ -187,6 +190,9 @@ class PrivacyConfig:
     def check_model(self, model: torch.nn.Module) -> None:
         check_model_is_private(model, self.clipping)
 
+    def check_sharding(self) -> None:
+        check_sharding(self.clipping)
+
     def randomness(self, seed: int) -> PrivateRandomness:
         """Where a new run's batches and noise come from: a secret key with `secure_mode` (a
         resumed run then takes its checkpoint's), the seed otherwise."""
@@ -231,6 +237,16 @@ def check_precision(precision: str, clipping: str) -> None:
         raise ValueError(
             f"trainer.precision=bf16-mixed with privacy.clipping={clipping}: {refusal}. Use "
             f"privacy.clipping={exact} (norms, clipping and sums in float32) or trainer.precision=32-true"
+        )
+
+
+def check_sharding(clipping: str) -> None:
+    """Fail before training for a clipping mode that cannot train sharded parameters."""
+    refusal = clipping_mode(clipping).sharding_refusal
+    if refusal is not None:
+        able = " or ".join(name for name, mode in CLIPPING.items() if mode.sharding_refusal is None)
+        raise ValueError(
+            f"trainer=fsdp with privacy.clipping={clipping}: {refusal}. Use privacy.clipping={able}, or trainer=ddp"
         )
 
 

@@ -82,6 +82,8 @@ class ClippingMode(ABC):
     optimizer: ClassVar[str]
     # why bf16-mixed would break the per-image bound; None when norms, clipping and sums stay in float32
     bf16_refusal: ClassVar[str | None] = None
+    # why this mode cannot train sharded parameters (trainer=fsdp); None when it can
+    sharding_refusal: ClassVar[str | None] = "it has no way to shard its clipped sums"
 
     @abstractmethod
     def attach(self, model: nn.Module, max_grad_norm: float, draws: int, backward: Backward) -> Clipper:

@@ -53,6 +53,7 @@ from dpdit.privacy.clipping.base import (
     trainable_parameters,
     widened,
 )
+from dpdit.privacy.sharding import as_gradient
 from dpdit.units import size
 
 
@@ -96,6 +97,8 @@ class BookKeepingMode(ClippingMode):
     name = "bookkeeping"
     # the one backward pass leaves the clipped sum in `.grad`, as ghost clipping's second does
     optimizer = "ghost"
+    # each layer's clipped sum is reduce-scattered to the ranks' rows as it is formed
+    sharding_refusal = None
 
     def attach(self, model: nn.Module, max_grad_norm: float, draws: int, backward: Backward) -> Clipper:
         return BookKeeping(model, max_grad_norm)
@@ -181,7 +184,9 @@ class BookKeeping(Clipper):
                 for parameter in trainable_parameters(layer):
                     # a layer the forward pass did not call has no gradient
                     parameter.grad = (
-                        sums[parameter].to(parameter.dtype) if parameter in sums else torch.zeros_like(parameter)
+                        as_gradient(parameter, sums.pop(parameter))
+                        if parameter in sums
+                        else torch.zeros_like(parameter)
                     )
         return norms
 

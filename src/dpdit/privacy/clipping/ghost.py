@@ -58,6 +58,10 @@ class Ghost(ClippingMode):
         "ghost clipping's second backward pass sums the batch's clipped gradients in bfloat16, whose "
         "rounding mixes images and breaks the per-image bound"
     )
+    sharding_refusal = (
+        "under FSDP its first backward pass (the norms) would reduce-scatter a whole gradient that is thrown "
+        "away, twice book-keeping's communication for the same clipped sum"
+    )
 
     def attach(self, model: nn.Module, max_grad_norm: float, draws: int, backward: Backward) -> Clipper:
         hooks = attach_opacus_hooks(model, "ghost", max_grad_norm=max_grad_norm, use_ghost_clipping=True)

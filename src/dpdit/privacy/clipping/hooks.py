@@ -44,6 +44,10 @@ class Hooks(ClippingMode):
     optimizer = "hooks"
     # Opacus' hook samplers may take functorch's vmap instead: force_functorch
     functorch_only = False
+    sharding_refusal = (
+        "it keeps every image's gradient of every layer, at the gathered weights' whole size, until the "
+        "optimizer clips them: sharding cannot split what it holds"
+    )
 
     def attach(self, model: nn.Module, max_grad_norm: float, draws: int, backward: Backward) -> Clipper:
         return PerSampleGradients(
