@@ -105,6 +105,7 @@ def test_audit_of_sound_dp_sgd_stays_below_the_claim(tmp_path):
         ("audit.scores=[gradient]", "audit.scores"),
         ("audit.weights=best", "audit.weights"),
         ("ckpt_path=/x.ckpt", "ckpt_path"),
+        ("trainer=fsdp", "use trainer=ddp or one device"),
     ],
 )
 def test_bad_audit_settings_are_refused_before_training(tmp_path, override, message):

@@ -17,7 +17,20 @@ from dpdit.build import setup
 from dpdit.cli import ConfigError
 from dpdit.distributed import DPFSDPStrategy
 from dpdit.privacy import DPSGD, NonPrivate, PrivacyConfig
-from helpers import BATCH, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step, tiny_model
+from helpers import (
+    BATCH,
+    EpsilonLoss,
+    ZeroLoss,
+    batch,
+    dp,
+    latent_batch,
+    norm,
+    per_sample_gradients,
+    pretrained,
+    run_step,
+    save_tiny_pipeline,
+    tiny_model,
+)
 
 NOISE = dict(sigma=2.0, bound=0.5, expected_batch=8)
 
@@ -31,13 +44,27 @@ def fsdp_step(privacy, data, mixed_precision=None, **options):
     )
 
 
-def worker(rank: int, port: int, bound: float, out: str) -> None:
+def pretrained_batch(rank=None):
+    """The latent batch, or rank `rank`'s uneven share of it."""
+    latents, labels = latent_batch()
+    if rank is None:
+        return latents, labels
+    indices = SPLITS["uneven"][rank]
+    return latents[indices], labels[indices]
+
+
+def worker(rank: int, port: int, bound: float, out: str, hub: str, pretrained_bound: float) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
     )
     results = {}
     for name, split in SPLITS.items():
         _, results[name] = fsdp_step(dp("bookkeeping", max_grad_norm=bound), shard(split[rank]))
+    # diffusers' DiT, its attention fine-tuned: units whose weights are partly frozen
+    model = pretrained(hub, finetune="attention").double()
+    _, results["pretrained"] = fsdp_step(
+        dp("bookkeeping", max_grad_norm=pretrained_bound), pretrained_batch(rank), loss=EpsilonLoss(), model=model
+    )
     _, results["none"] = fsdp_step(NonPrivate(BATCH), shard(SPLITS["uneven"][rank]))
     sigma, bound_noise, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
     privacy = DPSGD(
@@ -65,22 +92,48 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
 def two_ranks(tmp_path_factory):
     images, labels = batch()
     bound = float(torch.stack([norm(g) for g in per_sample_gradients(images, labels)]).median())
+    hub = save_tiny_pipeline(tmp_path_factory.mktemp("hub") / "tiny-dit")
+    pretrained_bound = float(pretrained_norms(hub).median())
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(worker, args=(free_port(), bound, str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], bound
+    mp.spawn(worker, args=(free_port(), bound, str(out), str(hub), pretrained_bound), nprocs=2, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return ranks, bound, hub, pretrained_bound
+
+
+def pretrained_norms(hub):
+    """Each latent's gradient norm, alone, for the attention-tuned pretrained DiT."""
+    latents, labels = pretrained_batch()
+    norms = []
+    for i in range(len(latents)):
+        model = pretrained(hub, finetune="attention").double()
+        EpsilonLoss().training_losses(model, latents[i : i + 1], labels[i : i + 1]).sum().backward()
+        norms.append(norm([p.grad for p in model.parameters() if p.grad is not None]))
+    return torch.stack(norms)
 
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_a_sharded_step_equals_the_one_process_step_over_the_global_batch(two_ranks, split):
-    ranks, bound = two_ranks
+    ranks, bound, *_ = two_ranks
     _, single = run_step(dp("bookkeeping", max_grad_norm=bound), physical_batch_size=2, data=batch())
     for rank in ranks:
         for got, want in zip(rank[split], single):
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
 
 
+def test_a_sharded_pretrained_dit_with_frozen_weights_steps_as_one_process(two_ranks):
+    ranks, _, hub, bound = two_ranks
+    model = pretrained(hub, finetune="attention").double()
+    _, single = run_step(
+        dp("bookkeeping", max_grad_norm=bound), 2, loss=EpsilonLoss(), data=pretrained_batch(), model=model
+    )
+    assert any(u.abs().sum() == 0 for u in single) and any(u.abs().sum() > 0 for u in single)
+    for rank in ranks:
+        for got, want in zip(rank["pretrained"], single):
+            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
+
+
 def test_a_sharded_non_private_step_equals_the_one_process_step(two_ranks):
-    ranks, _ = two_ranks
+    ranks, *_ = two_ranks
     _, single = run_step(NonPrivate(BATCH), physical_batch_size=2, data=batch())
     for rank in ranks:
         for got, want in zip(rank["none"], single):
@@ -90,7 +143,7 @@ def test_a_sharded_non_private_step_equals_the_one_process_step(two_ranks):
 def test_a_sharded_step_adds_the_one_process_noise_once(two_ranks):
     """Zero gradients: the update is the noise alone, sigma C / E per coordinate of the whole
     model, and bit for bit the noise one process draws from the same key."""
-    ranks, _ = two_ranks
+    ranks, *_ = two_ranks
     sigma, bound, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
     privacy = DPSGD(
         PrivacyConfig(clipping="bookkeeping", max_grad_norm=bound, noise_multiplier=sigma, secure_mode=False),
@@ -116,7 +169,7 @@ def test_a_sharded_step_adds_the_one_process_noise_once(two_ranks):
 def test_bf16_blocks_clip_in_float32(two_ranks):
     """Blocks gathered and run in bfloat16, shards, norms and clipped sums in float32: one
     image clipped to C moves the whole model by exactly C / E (in bfloat16, 0.1-0.3% off)."""
-    ranks, _ = two_ranks
+    ranks, *_ = two_ranks
     for rank in ranks:
         assert rank["bf16 gathered"] == {torch.bfloat16}
         update = rank["bf16"]

@@ -45,6 +45,16 @@ def test_check_refuses_what_cannot_fit_and_names_the_fix(monkeypatch):
         check_memory_fits(model, None, 1, 1, torch.device("cpu"), "torch.optim.Adam")
 
 
+def test_sharded_ranks_hold_their_share_of_the_training_state(monkeypatch):
+    model = tiny_model()  # float64
+    trained = sum(p.numel() for p in model.parameters()) * 8
+    # gradients and Adam's two moments to come on a GPU: with the weights and EMA, 5 copies
+    monkeypatch.setattr(dpdit.memory, "available_bytes", lambda device: 5 * trained // 2 + 64)
+    with pytest.raises(DoesNotFit, match="physical_batch_size=1 needs at least"):
+        check_memory_fits(model, "bookkeeping", 1, 1, torch.device("cuda"), "torch.optim.Adam")
+    check_memory_fits(model, "bookkeeping", 1, 1, torch.device("cuda"), "torch.optim.Adam", shards=2)
+
+
 def test_train_refuses_before_writing_a_checkpoint(make_config, tmp_path, monkeypatch):
     monkeypatch.setattr(dpdit.memory, "available_bytes", lambda device: 1000)
     with pytest.raises(ConfigError, match="privacy.clipping=hooks at data.physical_batch_size=32 needs at least"):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from dpdit.bisection import bracket, narrow
-from dpdit.build import setup
+from dpdit.build import setup, shards
 from dpdit.cli import ConfigError, Interrupted, command
 from dpdit.data import ImageDataModule
 from dpdit.diffusion import GaussianDiffusion, mean_per_sample
@@ -194,6 +194,10 @@ def check_audit_settings(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None or cfg.init_ckpt_path is not None:
         raise ConfigError(
             "an audit scores one training run from its initial weights: leave ckpt_path and init_ckpt_path null"
+        )
+    if shards(cfg.trainer):
+        raise ConfigError(
+            "the audit scores the canaries on whole weights: use trainer=ddp or one device, not trainer=fsdp"
         )
     if not audit.scores or set(audit.scores) - set(SCORES):
         raise ConfigError(f"audit.scores={list(audit.scores)}: choose among {', '.join(SCORES)}")

@@ -349,6 +349,7 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
         privacy.noise_multiplicity,
         trainer.strategy.root_device,
         cfg.optimizer._target_,
+        shards=trainer.world_size if shards(cfg.trainer) else 1,
     )
     if trainer.is_global_zero:
         save_run_config(resolved, cfg.paths.output_dir, resumed.get("global_step") if resumed else None)

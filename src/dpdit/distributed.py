@@ -75,11 +75,12 @@ class DPFSDPStrategy(ModelParallelStrategy):
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
-    """FSDP2 on `model`: each of its `blocks` a unit, the rest (embedders, final layer) the root's."""
+    """FSDP2 on `model`: each of its `sharding_units` a unit, the rest (embedders, final layer)
+    the root's."""
     if isinstance(model, FSDPModule):
         return
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    for unit in model.sharding_units():
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 

@@ -64,13 +64,17 @@ def check_memory_fits(
     draws: int,
     device: torch.device,
     optimizer_target: str,
+    shards: int = 1,
 ) -> None:
     """Raise `DoesNotFit` when the training's lower bound exceeds the memory free on `device`.
-    The module is built and on the CPU: there its weights and EMA copy are already held."""
+    The module is built and on the CPU: there its weights and EMA copy are already held.
+    Under FSDP each of `shards` ranks holds its share of the weights, EMA, gradients and
+    optimizer state."""
     available = available_bytes(device)
     if available is None:
         return
     state = training_state_bytes(model, OPTIMIZER_STATE.get(optimizer_target, 0))
+    state = {key: n // shards for key, n in state.items()}
     if device.type != "cuda":
         state = {key: n for key, n in state.items() if key not in ("weights", "ema")}
     extra = per_sample_bytes(model, clipping, physical_batch_size, draws)

@@ -24,7 +24,10 @@ class Denoiser(Protocol):
     null_class: int  # the label that means "no class" (classifier-free guidance)
     learn_sigma: bool  # whether the variance half of the output is trained
     vae: FrozenVAE | None  # the frozen VAE whose latents it works on; None: pixels
-    blocks: nn.ModuleList  # its transformer blocks, in order (FSDP's units)
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The submodules FSDP shards one at a time, each gathered only while it runs: modules
+        whose own forward the model calls (DiT's blocks)."""
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, in_channels, input_size, input_size], t: [B] timesteps, y: [B] labels ->

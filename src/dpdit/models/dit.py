@@ -339,6 +339,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def sharding_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] images or latents, t: [B] timesteps, y: [B] labels
         (``null_class`` for unconditional) -> [B, out_channels, H, W]."""

@@ -255,9 +255,19 @@ class PretrainedDiT(nn.Module):
         x = x + gate_msa.unsqueeze(1) * block.attn1(modulate(block.norm1.norm(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * block.ff(modulate(block.norm3(x), shift_mlp, scale_mlp))
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.transformer.transformer_blocks
+    def sharding_units(self) -> list[nn.Module]:
+        """Per block, the pieces `forward` calls (it runs a block's parts, not its forward)."""
+        return [
+            unit
+            for block in self.transformer.transformer_blocks
+            for unit in (
+                block.norm1.emb.timestep_embedder,
+                block.norm1.emb.class_embedder.embedding_table,
+                block.norm1.linear,
+                block.attn1,
+                block.ff,
+            )
+        ]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] latents, t: [B] timesteps, y: [B] data labels (`null_class` for
