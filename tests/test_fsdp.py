@@ -44,6 +44,13 @@ def fsdp_step(privacy, data, mixed_precision=None, **options):
     )
 
 
+def noisy():
+    """Seeded DP-SGD with noise (NOISE), sample rate 1/2: the same key in every process."""
+    sigma, bound, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
+    config = PrivacyConfig(clipping="bookkeeping", max_grad_norm=bound, noise_multiplier=sigma, secure_mode=False)
+    return DPSGD(config, sample_rate=0.5, dataset_size=2 * expected, noise_multiplier=sigma)
+
+
 def pretrained_batch(rank=None):
     """The latent batch, or rank `rank`'s uneven share of it."""
     latents, labels = latent_batch()
@@ -66,14 +73,7 @@ def worker(rank: int, port: int, bound: float, out: str, hub: str, pretrained_bo
         dp("bookkeeping", max_grad_norm=pretrained_bound), pretrained_batch(rank), loss=EpsilonLoss(), model=model
     )
     _, results["none"] = fsdp_step(NonPrivate(BATCH), shard(SPLITS["uneven"][rank]))
-    sigma, bound_noise, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
-    privacy = DPSGD(
-        PrivacyConfig(clipping="bookkeeping", max_grad_norm=bound_noise, noise_multiplier=sigma, secure_mode=False),
-        sample_rate=0.5,
-        dataset_size=2 * expected,
-        noise_multiplier=sigma,
-    )
-    module, results["noise"] = fsdp_step(privacy, shard(SPLITS["even"][rank]), loss=ZeroLoss())
+    module, results["noise"] = fsdp_step(noisy(), shard(SPLITS["even"][rank]), loss=ZeroLoss())
     metrics = module.trainer.callback_metrics
     results["statistics"] = [float(metrics[name]) for name in ("private/loss", "private/clipped_fraction")]
     # one image, far beyond the bound, on rank 0; rank 1 runs the placeholder
@@ -145,13 +145,7 @@ def test_a_sharded_step_adds_the_one_process_noise_once(two_ranks):
     model, and bit for bit the noise one process draws from the same key."""
     ranks, *_ = two_ranks
     sigma, bound, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
-    privacy = DPSGD(
-        PrivacyConfig(clipping="bookkeeping", max_grad_norm=bound, noise_multiplier=sigma, secure_mode=False),
-        sample_rate=0.5,
-        dataset_size=2 * expected,
-        noise_multiplier=sigma,
-    )
-    module, single = run_step(privacy, physical_batch_size=2, data=batch(), loss=ZeroLoss())
+    module, single = run_step(noisy(), physical_batch_size=2, data=batch(), loss=ZeroLoss())
     for rank in ranks:
         for got, want in zip(rank["noise"], single):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
