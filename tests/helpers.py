@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from torch.distributed.tensor import DTensor
 
 from dpdit.cli import CONFIG_DIR
+from dpdit.diffusion import TrainingDraws
 from dpdit.models import DiT, PretrainedDiT
 from dpdit.module import DiffusionModule
 from dpdit.privacy import DPSGD, PrivacyConfig
@@ -44,18 +45,28 @@ def compose_config(config_name: str, *overrides: str, hydra: bool = False):
 BATCH = 6
 
 
-class FixedLoss:
+class OwnDraws:
+    """A diffusion-like loss that draws (or fixes) its own timesteps and noise: the step's
+    draws it is handed are placeholders."""
+
+    def draw(self, n, shape, dtype, generator):
+        return TrainingDraws(
+            torch.zeros(n, dtype=torch.long), torch.zeros(n, *shape, dtype=dtype), torch.zeros(n, dtype=torch.bool)
+        )
+
+
+class FixedLoss(OwnDraws):
     """Per-sample squared error of the model's output at a fixed timestep."""
 
-    def training_losses(self, model, x, y):
+    def training_losses(self, model, x, y, draws=None):
         t = torch.full((x.shape[0],), 10, dtype=torch.long)
         return ((model(x, t, y) - x.flip(-1)) ** 2).flatten(1).mean(1)
 
 
-class ZeroLoss:
+class ZeroLoss(OwnDraws):
     """Zero loss: every per-sample gradient is zero, so the update is pure noise."""
 
-    def training_losses(self, model, x, y):
+    def training_losses(self, model, x, y, draws=None):
         t = torch.zeros(x.shape[0], dtype=torch.long)
         return model(x, t, y).flatten(1).mean(1) * 0.0
 
@@ -193,10 +204,10 @@ def latent_batch(seed=1):
     return latents, labels
 
 
-class EpsilonLoss:
+class EpsilonLoss(OwnDraws):
     """Deterministic per-sample loss on the epsilon half of the output."""
 
-    def training_losses(self, model, x, y):
+    def training_losses(self, model, x, y, draws=None):
         t = torch.full((x.shape[0],), 300, dtype=torch.long)
         return ((model(x, t, y)[:, :4] - x.flip(-1)) ** 2).flatten(1).mean(1)
 

@@ -168,8 +168,9 @@ def run_train(tmp_path, name, *overrides):
 @pytest.mark.slow
 def test_ddp_command_reports_what_one_process_reports(tmp_path):
     """`python train.py trainer=ddp trainer.devices=2`: Lightning starts the second rank;
-    the report (written once) equals the single process's for the same global batches
-    (seeded, so that two separate launches draw the same batches)."""
+    the report (written once) and the weights equal the single process's for the same
+    global batches (seeded, so that two separate launches draw the same batches; each
+    image's draws do not depend on the ranks)."""
     seeded = ["privacy.secure_mode=false", "privacy.statistics=nonprivate"]  # the exact batch sizes compared
     single = json.loads((run_train(tmp_path, "single", *seeded) / "privacy_report.json").read_text())
     ddp_dir = run_train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", *seeded)
@@ -191,6 +192,12 @@ def test_ddp_command_reports_what_one_process_reports(tmp_path):
     ]
     column = sizes[0][0].split(",").index("train/batch_size")
     assert [row.split(",")[column] for row in sizes[0][1:]] == [row.split(",")[column] for row in sizes[1][1:]]
+    weights = [
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for run in (tmp_path / "single", ddp_dir)
+    ]
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(tensor, weights[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_ranks_share_rank_zero_s_secret_key_and_split_its_batches(two_ranks):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from dpdit.module import LearningRateSchedule, TrainedWeightsAverage, ema_with_warmup
+from dpdit.diffusion import GaussianDiffusion
+from dpdit.module import LearningRateSchedule, StepDraws, TrainedWeightsAverage, ema_with_warmup
 
 
 def test_ema_decay_warms_up_then_holds():
@@ -71,3 +72,24 @@ def test_a_run_steps_with_the_scheduled_learning_rates(make_config, tmp_path):
         rates = [float(row["train/lr"]) for row in csv.DictReader(file) if row["train/lr"]]
     schedule = LearningRateSchedule(2, "cosine")
     assert rates == pytest.approx([0.01 * schedule.factor(step, 4) for step in range(4)])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_an_image_gets_the_same_draws_on_any_number_of_ranks(world_size):
+    """Rank r holds the global batch's images r, r + W, ...; K = 2 rows each. Each rank's
+    rows, taken micro-batch by micro-batch, are the single process's rows of those images;
+    past its images (placeholders) a rank gets none."""
+    diffusion = GaussianDiffusion(label_dropout=0.5)
+    images = torch.zeros(7, 1, 4, 4)
+    alone = StepDraws(diffusion, 0, 5, images, 2, 0, 1, 7).take(14)
+    for rank in range(world_size):
+        mine = images[rank::world_size]
+        draws = StepDraws(diffusion, 0, 5, mine, 2, rank, world_size, 7)
+        first, rest = draws.take(2), draws.take(2 * len(mine) - 2)
+        rows = torch.tensor([2 * i + k for i in range(rank, 7, world_size) for k in range(2)])
+        for part, index in ((first, rows[:2]), (rest, rows[2:])):
+            assert torch.equal(part.t, alone.t[index]) and torch.equal(part.noise, alone.noise[index])
+            assert torch.equal(part.drop, alone.drop[index])
+        assert draws.take(1) is None
+    other_step = StepDraws(diffusion, 0, 6, images, 2, 0, 1, 7).take(14)
+    assert not torch.equal(other_step.noise, alone.noise)

@@ -12,17 +12,17 @@ import torch
 from torch import nn
 
 from dpdit.privacy import CLIPPING_MODES, DPSGD, PrivacyConfig, gram_matrices_outweigh_gradient
-from helpers import BATCH, Scale, batch, latent_batch, norm, pretrained, run_step, tiny_model
+from helpers import BATCH, OwnDraws, Scale, batch, latent_batch, norm, pretrained, run_step, tiny_model
 
 
-class RecordedDraws:
+class RecordedDraws(OwnDraws):
     """A diffusion-like loss with random timesteps and noise per row; it keeps every row it
     drew (image, label, timestep, noise), in the order of the forward passes."""
 
     def __init__(self):
         self.rows = []
 
-    def training_losses(self, model, x, y):
+    def training_losses(self, model, x, y, draws=None):
         t = torch.randint(0, 1000, (x.shape[0],))
         noise = torch.randn_like(x)
         self.rows += list(zip(x, y, t, noise))

@@ -8,6 +8,7 @@ The loss is returned per sample (shape [B]): DP-SGD clips each sample's gradient
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -36,6 +37,25 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale) -> torch.Tensor:
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+@dataclass
+class TrainingDraws:
+    """Training rows' own randomness: each row's timestep, diffusion noise and whether its
+    label is dropped."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def rows(self, index) -> TrainingDraws:
+        return TrainingDraws(self.t[index], self.noise[index], self.drop[index])
+
+    def to(self, device: torch.device) -> TrainingDraws:
+        return TrainingDraws(self.t.to(device), self.noise.to(device), self.drop.to(device))
 
 
 class GaussianDiffusion:
@@ -116,20 +136,35 @@ class GaussianDiffusion:
         drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, null_class), labels)
 
-    def sample_timesteps(self, n: int, device: torch.device) -> torch.Tensor:
+    def sample_timesteps(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.log_sigma_mean is None:
-            return torch.randint(0, self.num_train_timesteps, (n,), device=device)
-        log_sigma = self.log_sigma_mean + self.log_sigma_std * torch.randn(n)
+            return torch.randint(0, self.num_train_timesteps, (n,), device=device, generator=generator)
+        log_sigma = self.log_sigma_mean + self.log_sigma_std * torch.randn(n, generator=generator)
         t = torch.searchsorted(self.log_sigmas, log_sigma).clamp(max=self.num_train_timesteps - 1)
         return t.to(device)
 
-    def training_losses(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def draw(self, n: int, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> TrainingDraws:
+        """`n` training rows' own randomness for inputs of `shape`, on the CPU from `generator`."""
+        t = self.sample_timesteps(n, torch.device("cpu"), generator)
+        noise = torch.randn((n, *shape), generator=generator, dtype=dtype)
+        drop = torch.rand(n, generator=generator) < self.label_dropout
+        return TrainingDraws(t, noise, drop)
+
+    def training_losses(
+        self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, draws: TrainingDraws | None = None
+    ) -> torch.Tensor:
         """Per-sample loss [B]: epsilon MSE (Min-SNR weighted if asked), plus the variational
-        bound if sigma is learned."""
-        t = self.sample_timesteps(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
+        bound if sigma is learned. `draws`: each row's timestep, noise and label dropout
+        (None: drawn here from torch's generator)."""
+        if draws is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device)
+            noise = torch.randn_like(x0)
+            labels = self.drop_labels(labels, model.null_class)
+        else:
+            t, noise = draws.t, draws.noise
+            labels = torch.where(draws.drop, torch.full_like(labels, model.null_class), labels)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        output = model(x_t, t, self.drop_labels(labels, model.null_class))
+        output = model(x_t, t, labels)
         eps = output[:, : x0.shape[1]]
         loss = mean_per_sample((eps - noise) ** 2)
         if self.loss_weights is not None:

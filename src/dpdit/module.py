@@ -20,10 +20,45 @@ from dpdit.randomness import derived_seed
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one rank's model randomness (timesteps, diffusion noise, label dropout) in
-    one step: independent across ranks, and the same in a resumed and an uninterrupted run.
-    The DP mechanism's own draws (batches, noise) come from `dpdit.randomness` instead."""
+    """The seed of torch's generator on one rank in one step (what the model draws beyond
+    its images' draws: a placeholder's). The DP mechanism's own draws (batches, noise) come
+    from `dpdit.randomness` instead."""
     return derived_seed(seed, 1, rank, step)
+
+
+class StepDraws:
+    """The model's randomness of one step (each row's timestep, noise and label dropout),
+    drawn for the whole global batch from (seed, step) and handed out to this rank's images
+    in the order the DP step runs them. Rank r holds the images at positions r, r + W, ...
+    of the global batch (`dpdit.data.LogicalBatchSampler`), so an image gets the same draws
+    however many ranks share the batch: a run resumed on another number of processes
+    continues as the uninterrupted run would have. Placeholder micro-batches (zero weight),
+    past this rank's images, get none."""
+
+    def __init__(
+        self,
+        diffusion,
+        seed: int,
+        step: int,
+        images: torch.Tensor,
+        draws_per_image: int,
+        rank: int,
+        world_size: int,
+        total: int,
+    ):
+        generator = torch.Generator().manual_seed(derived_seed(seed, 2, step))
+        everything = diffusion.draw(total * draws_per_image, images.shape[1:], images.dtype, generator)
+        positions = rank + world_size * torch.arange(images.shape[0])
+        rows = (positions[:, None] * draws_per_image + torch.arange(draws_per_image)).flatten()
+        self.draws = everything.rows(rows).to(images.device)
+        self.taken = 0
+
+    def take(self, rows: int):
+        """The next `rows` rows' draws; None past this rank's images."""
+        if self.taken + rows > len(self.draws):
+            return None
+        self.taken += rows
+        return self.draws.rows(slice(self.taken - rows, self.taken))
 
 
 def ema_with_warmup(decay: float) -> Callable:
@@ -97,9 +132,9 @@ class DiffusionModule(L.LightningModule):
     its loss is their mean. The EMA copy is post-processing of
     the private weights and costs no privacy; samples are drawn from it.
 
-    Each step reseeds the model's random generators from (seed, rank, step), and the DP
-    mechanism's batches and noise are keyed by the step, so a run resumed from a checkpoint
-    continues exactly as the uninterrupted run would have.
+    Each step's model draws come from (seed, step) (`StepDraws`), and the DP mechanism's
+    batches and noise are keyed by the step, so a run resumed from a checkpoint continues
+    exactly as the uninterrupted run would have, on any number of processes.
     """
 
     def __init__(
@@ -165,6 +200,20 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step))
         images, labels = batch
+        world_size = self.trainer.world_size
+        total = images.new_tensor(images.shape[0], dtype=torch.long)
+        if world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        self.step_draws = StepDraws(
+            self.diffusion,
+            self.seed,
+            self.global_step,
+            images,
+            self.privacy.noise_multiplicity,
+            self.global_rank,
+            world_size,
+            int(total),
+        )
         factor = self.lr_schedule.factor(self.global_step, self.trainer.max_steps)
         for group, base in zip(self.optimizers().param_groups, self.base_learning_rates):
             group["lr"] = base * factor
@@ -176,7 +225,7 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def per_image_losses(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.diffusion.training_losses(self.model, images, labels)
+        return self.diffusion.training_losses(self.model, images, labels, self.step_draws.take(len(images)))
 
     def log_step(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
         """The learning rate, the mechanism's dashboard and, where the mechanism releases exact
