@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dpdit.randomness import tensor_digest
 
@@ -77,8 +77,6 @@ class DPFSDPStrategy(ModelParallelStrategy):
 def shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
     """FSDP2 on `model`: each of its `sharding_units` a unit, the rest (embedders, final layer)
     the root's."""
-    if isinstance(model, FSDPModule):
-        return
     for unit in model.sharding_units():
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
