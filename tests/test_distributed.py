@@ -21,7 +21,8 @@ from dpdit.privacy import DPSGD, NonPrivate, PrivacyConfig
 from helpers import BATCH, FAST, ZeroLoss, batch, dp, norm, per_sample_gradients, run_step
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = {"even": ([0, 2, 4], [1, 3, 5]), "uneven": ([0, 1, 2, 3, 4], [5]), "one rank empty": ([0, 1, 2, 3, 4, 5], [])}
+# global batches of the first n images of `batch()`, split as dpdit's sampler splits them
+SPLITS = {"even": 6, "uneven": 5, "one rank empty": 1}
 NOISE = dict(sigma=2.0, bound=0.5, expected_batch=8)
 
 
@@ -31,9 +32,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shard(indices):
+def global_batch(size):
     images, labels = batch()
-    return images[indices], labels[indices]
+    return images[:size], labels[:size]
+
+
+def shard(size, rank, world_size=2):
+    """Rank `rank`'s images of the global batch of `size`: positions rank, rank + W, ..."""
+    images, labels = global_batch(size)
+    return images[rank::world_size], labels[rank::world_size]
 
 
 def ddp_step(privacy, data, **options):
@@ -47,10 +54,10 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
     )
     results = {}
     for clipping in ("hooks", "ghost", "bookkeeping"):
-        for name, split in SPLITS.items():
-            _, update = ddp_step(dp(clipping, max_grad_norm=bound), shard(split[rank]))
+        for name, size in SPLITS.items():
+            _, update = ddp_step(dp(clipping, max_grad_norm=bound), shard(size, rank))
             results[clipping, name] = update
-    _, results["none"] = ddp_step(NonPrivate(BATCH), shard(SPLITS["even"][rank]))
+    _, results["none"] = ddp_step(NonPrivate(BATCH), shard(SPLITS["even"], rank))
 
     sigma, bound_noise, expected = NOISE["sigma"], NOISE["bound"], NOISE["expected_batch"]
     privacy = DPSGD(
@@ -59,7 +66,7 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
         dataset_size=2 * expected,
         noise_multiplier=sigma,
     )
-    module, results["noise"] = ddp_step(privacy, shard(SPLITS["even"][rank]), loss=ZeroLoss())
+    module, results["noise"] = ddp_step(privacy, shard(SPLITS["even"], rank), loss=ZeroLoss())
     metrics = module.trainer.callback_metrics
     results["statistics"] = [float(metrics[name]) for name in ("private/loss", "private/clipped_fraction")]
     (normals,) = privacy.randomness.gaussian_noise(0, [torch.zeros(2, dtype=torch.float64)], 1.0, purpose="statistics")
@@ -67,7 +74,7 @@ def worker(rank: int, port: int, bound: float, out: str) -> None:
     results["statistics_noise"] = (normals * torch.tensor([std * privacy.config.loss_bound, std]) / expected).tolist()
 
     noisy = dp("hooks", max_grad_norm=bound, noise_multiplier=1.0)
-    module, _ = ddp_step(noisy, shard(SPLITS["uneven"][rank]), steps=3)
+    module, _ = ddp_step(noisy, shard(SPLITS["uneven"], rank), steps=3)
     results["weights"] = [p.detach().clone() for p in module.model.parameters()]
     results["ema"] = [p.detach().clone() for p in module.ema.module.parameters()]
     results["steps"] = noisy.steps
@@ -95,7 +102,7 @@ def two_ranks(tmp_path_factory):
 def test_two_process_step_equals_one_process_step_over_the_global_batch(two_ranks, clipping, split):
     ranks, bound = two_ranks
     # Half of the images are clipped at this bound, so clipping is really tested.
-    _, single = run_step(dp(clipping, max_grad_norm=bound), physical_batch_size=2, data=batch())
+    _, single = run_step(dp(clipping, max_grad_norm=bound), physical_batch_size=2, data=global_batch(SPLITS[split]))
     for rank in ranks:
         for got, want in zip(rank[clipping, split], single):
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from diffusers import DiTPipeline
-from test_distributed import SPLITS, free_port, run_train, shard
+from test_distributed import SPLITS, free_port, global_batch, run_train, shard
 
 from dpdit.build import setup
 from dpdit.cli import ConfigError
@@ -52,12 +52,12 @@ def noisy():
 
 
 def pretrained_batch(rank=None):
-    """The latent batch, or rank `rank`'s uneven share of it."""
+    """The uneven global latent batch, or rank `rank`'s share of it."""
     latents, labels = latent_batch()
+    size = SPLITS["uneven"]
     if rank is None:
-        return latents, labels
-    indices = SPLITS["uneven"][rank]
-    return latents[indices], labels[indices]
+        return latents[:size], labels[:size]
+    return latents[rank:size:2], labels[rank:size:2]
 
 
 def worker(rank: int, port: int, bound: float, out: str, hub: str, pretrained_bound: float) -> None:
@@ -65,15 +65,15 @@ def worker(rank: int, port: int, bound: float, out: str, hub: str, pretrained_bo
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
     )
     results = {}
-    for name, split in SPLITS.items():
-        _, results[name] = fsdp_step(dp("bookkeeping", max_grad_norm=bound), shard(split[rank]))
+    for name, size in SPLITS.items():
+        _, results[name] = fsdp_step(dp("bookkeeping", max_grad_norm=bound), shard(size, rank))
     # diffusers' DiT, its attention fine-tuned: units whose weights are partly frozen
     model = pretrained(hub, finetune="attention").double()
     _, results["pretrained"] = fsdp_step(
         dp("bookkeeping", max_grad_norm=pretrained_bound), pretrained_batch(rank), loss=EpsilonLoss(), model=model
     )
-    _, results["none"] = fsdp_step(NonPrivate(BATCH), shard(SPLITS["uneven"][rank]))
-    module, results["noise"] = fsdp_step(noisy(), shard(SPLITS["even"][rank]), loss=ZeroLoss())
+    _, results["none"] = fsdp_step(NonPrivate(BATCH), shard(SPLITS["uneven"], rank))
+    module, results["noise"] = fsdp_step(noisy(), shard(SPLITS["even"], rank), loss=ZeroLoss())
     metrics = module.trainer.callback_metrics
     results["statistics"] = [float(metrics[name]) for name in ("private/loss", "private/clipped_fraction")]
     # one image, far beyond the bound, on rank 0; rank 1 runs the placeholder
@@ -114,7 +114,8 @@ def pretrained_norms(hub):
 @pytest.mark.parametrize("split", SPLITS)
 def test_a_sharded_step_equals_the_one_process_step_over_the_global_batch(two_ranks, split):
     ranks, bound, *_ = two_ranks
-    _, single = run_step(dp("bookkeeping", max_grad_norm=bound), physical_batch_size=2, data=batch())
+    data = global_batch(SPLITS[split])
+    _, single = run_step(dp("bookkeeping", max_grad_norm=bound), physical_batch_size=2, data=data)
     for rank in ranks:
         for got, want in zip(rank[split], single):
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
@@ -134,7 +135,7 @@ def test_a_sharded_pretrained_dit_with_frozen_weights_steps_as_one_process(two_r
 
 def test_a_sharded_non_private_step_equals_the_one_process_step(two_ranks):
     ranks, *_ = two_ranks
-    _, single = run_step(NonPrivate(BATCH), physical_batch_size=2, data=batch())
+    _, single = run_step(NonPrivate(BATCH), physical_batch_size=2, data=global_batch(SPLITS["uneven"]))
     for rank in ranks:
         for got, want in zip(rank["none"], single):
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)

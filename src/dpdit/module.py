@@ -49,6 +49,11 @@ class StepDraws:
         generator = torch.Generator().manual_seed(derived_seed(seed, 2, step))
         everything = diffusion.draw(total * draws_per_image, images.shape[1:], images.dtype, generator)
         positions = rank + world_size * torch.arange(images.shape[0])
+        if len(positions) and positions[-1] >= total:
+            raise ValueError(
+                f"rank {rank} of {world_size} holds {len(positions)} images of a global batch of {total}: "
+                "dpdit's batch sampler gives rank r the images r, r + W, ... of each batch"
+            )
         rows = (positions[:, None] * draws_per_image + torch.arange(draws_per_image)).flatten()
         self.draws = everything.rows(rows).to(images.device)
         self.taken = 0
