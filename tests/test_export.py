@@ -219,7 +219,7 @@ def test_models_without_an_exact_pipeline_form_are_refused(settings, messages, t
 def test_export_callback_skips_an_unexportable_model_with_one_info_line(tmp_path, caplog):
     model = tiny_dit(mlp_ratio=2.0)
     trainer = SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(class_names=CLASSES))
-    module = SimpleNamespace(ema=SimpleNamespace(module=model), diffusion=GaussianDiffusion())
+    module = SimpleNamespace(sampling_model=lambda: model, diffusion=GaussianDiffusion())
     with caplog.at_level(logging.INFO, logger="dpdit.callbacks"):
         ExportPipeline(str(tmp_path)).on_train_end(trainer, module)
     assert not (tmp_path / "pipeline").exists()
