@@ -305,7 +305,8 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
         )
     privacy_config: PrivacyConfig | NonPrivateConfig = instantiate(cfg.privacy)
     privacy_config.check_precision(cfg.trainer.precision)
-    if shards(cfg.trainer):
+    sharded = shards(cfg.trainer)
+    if sharded:
         privacy_config.check_sharding()
     # A new run (not a resume, not from a given checkpoint) starts from the public prior.
     prior = None
@@ -349,7 +350,7 @@ def _build(cfg: DictConfig, train_public_stage) -> tuple[L.Trainer, DiffusionMod
         privacy.noise_multiplicity,
         trainer.strategy.root_device,
         cfg.optimizer._target_,
-        shards=trainer.world_size if shards(cfg.trainer) else 1,
+        shards=trainer.world_size if sharded else 1,
     )
     if trainer.is_global_zero:
         save_run_config(resolved, cfg.paths.output_dir, resumed.get("global_step") if resumed else None)

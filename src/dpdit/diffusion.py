@@ -131,9 +131,11 @@ class GaussianDiffusion:
     def _table(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return self._posterior[name].to(like.device)[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 
-    def drop_labels(self, labels: torch.Tensor, null_class: int) -> torch.Tensor:
-        """Replace each label by the null class with probability `label_dropout`."""
-        drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+    def drop_labels(self, labels: torch.Tensor, null_class: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace each label by the null class where `drop` says (None: with probability
+        `label_dropout`, drawn here)."""
+        if drop is None:
+            drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, null_class), labels)
 
     def sample_timesteps(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -162,7 +164,7 @@ class GaussianDiffusion:
             labels = self.drop_labels(labels, model.null_class)
         else:
             t, noise = draws.t, draws.noise
-            labels = torch.where(draws.drop, torch.full_like(labels, model.null_class), labels)
+            labels = self.drop_labels(labels, model.null_class, draws.drop)
         x_t = self.scheduler.add_noise(x0, noise, t)
         output = model(x_t, t, labels)
         eps = output[:, : x0.shape[1]]
