@@ -195,14 +195,17 @@ class Keystream:
         self.position = 0
 
     def skip(self, count: int) -> None:
+        # the encryptor moves there at the next read: a run of skipped chunks costs one seek
         self.position += count
-        block, within = divmod(8 * self.position, 16)
-        self.encryptor = self.randomness.stream(self.purpose, self.step, block)
-        if within:
-            self.encryptor.update(bytes(within))
+        self.encryptor = None
 
     def words(self, count: int) -> np.ndarray:
         """The next `count` 64-bit words; valid until the next call."""
+        if self.encryptor is None:
+            block, within = divmod(8 * self.position, 16)
+            self.encryptor = self.randomness.stream(self.purpose, self.step, block)
+            if within:
+                self.encryptor.update(bytes(within))
         self.encryptor.update_into(memoryview(self.zeros)[: 8 * count], self.buffer)
         self.position += count
         return np.frombuffer(self.buffer, dtype=np.uint64, count=count)
